@@ -1,0 +1,1 @@
+"""The ``dprandp`` command line: one module per subcommand, each exposing ``command``."""

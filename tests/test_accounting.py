@@ -1,0 +1,136 @@
+"""Accountant against published reference values (SPEC.md) and composition invariants."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dprandp.accounting import DPPhase, calibrate_noise, compute_epsilon, epsilon_curve
+from dprandp.errors import InputError
+
+Q = 4096 / 50000  # 0.08192
+
+
+def phase(sigma, steps, q=Q):
+    return DPPhase(sample_rate=q, noise_multiplier=sigma, steps=steps)
+
+
+@pytest.mark.parametrize(
+    "phases, pld, rdp",
+    [
+        ([phase(9.3, 875)], 0.978, 1.070),
+        ([phase(3.0, 1000)], 3.883, 4.212),
+        ([phase(3.0, 2500)], 6.579, 7.098),
+        ([phase(10.0, 2500)], 1.606, 1.750),
+        ([phase(8.0, 200), phase(4.0, 1000)], 2.821, 3.064),
+    ],
+)
+def test_reference_values(phases, pld, rdp):
+    assert compute_epsilon(phases, target_delta=1e-5) == pytest.approx(pld, abs=0.005)
+    assert compute_epsilon(phases, target_delta=1e-5, accountant="rdp") == pytest.approx(rdp, abs=0.005)
+
+
+def test_public_rdp_reference_point():
+    eps = compute_epsilon([phase(1.5, 2250, q=0.04)], target_delta=1e-5, accountant="rdp")
+    assert eps == pytest.approx(7.3291, abs=0.002)
+
+
+def test_pld_is_tighter_than_rdp():
+    p = [phase(9.3, 875)]
+    assert compute_epsilon(p, target_delta=1e-5) < compute_epsilon(p, target_delta=1e-5, accountant="rdp")
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_composition_splits(accountant):
+    one = compute_epsilon([phase(5.0, 400)], target_delta=1e-5, accountant=accountant)
+    two = compute_epsilon([phase(5.0, 200), phase(5.0, 200)], target_delta=1e-5, accountant=accountant)
+    assert one == pytest.approx(two, rel=1e-3)
+
+
+def test_more_steps_cost_more():
+    assert compute_epsilon([phase(5.0, 100)], target_delta=1e-5) < compute_epsilon([phase(5.0, 200)], target_delta=1e-5)
+
+
+def test_zero_sampling_rate_is_free():
+    assert compute_epsilon([phase(1.0, 1000, q=0.0)], target_delta=1e-5) == 0.0
+
+
+def test_zero_noise_is_not_private():
+    assert compute_epsilon([phase(0.0, 10)], target_delta=1e-5) == math.inf
+
+
+def test_tiny_noise_gives_huge_epsilon():
+    assert compute_epsilon([phase(0.3, 100, q=0.5)], target_delta=1e-5) > 100
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(sample_rate=1.5, noise_multiplier=1.0, steps=1),
+    dict(sample_rate=-0.1, noise_multiplier=1.0, steps=1),
+    dict(sample_rate=0.1, noise_multiplier=-1.0, steps=1),
+    dict(sample_rate=0.1, noise_multiplier=1.0, steps=-1),
+    dict(sample_rate=0.1, noise_multiplier=1.0, steps=1.5),
+])
+def test_bad_phase_refused(kwargs):
+    with pytest.raises(InputError):
+        DPPhase(**kwargs)
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5])
+def test_bad_delta_refused(delta):
+    with pytest.raises(InputError):
+        compute_epsilon([phase(1.0, 10)], target_delta=delta)
+
+
+def test_calibrate_reference():
+    cal = calibrate_noise(target_epsilon=1.0, target_delta=1e-5, phases=[phase(1.0, 875)])
+    assert 9.05 <= cal.noise_multiplier <= 9.25
+    assert 0.99 <= cal.epsilon <= 1.0
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    target=st.floats(min_value=0.3, max_value=6.0),
+    steps=st.integers(min_value=10, max_value=600),
+    q=st.floats(min_value=0.005, max_value=0.3),
+)
+def test_calibrate_never_overshoots_and_is_tight(target, steps, q):
+    phases = [DPPhase(sample_rate=q, noise_multiplier=1.0, steps=steps)]
+    cal = calibrate_noise(target_epsilon=target, target_delta=1e-5, phases=phases)
+    recomputed = compute_epsilon([phases[0].with_noise(cal.noise_multiplier)], target_delta=1e-5)
+    assert recomputed <= target
+    assert recomputed == pytest.approx(cal.epsilon, rel=1e-9)
+    # Tight: 0.5 % less noise already overshoots the target.
+    assert compute_epsilon([phases[0].with_noise(cal.noise_multiplier * 0.995)], target_delta=1e-5) > target
+
+
+def test_calibrate_counts_every_phase():
+    """One sigma for Phase II + III: calibrating two phases needs more noise than either alone."""
+    p2, p3 = phase(1.0, 96), phase(1.0, 779)
+    both = calibrate_noise(target_epsilon=1.0, target_delta=1e-5, phases=[p2, p3]).noise_multiplier
+    alone = calibrate_noise(target_epsilon=1.0, target_delta=1e-5, phases=[p3]).noise_multiplier
+    full = calibrate_noise(target_epsilon=1.0, target_delta=1e-5, phases=[phase(1.0, 875)]).noise_multiplier
+    assert both > alone
+    assert both == pytest.approx(full, rel=2e-3)
+
+
+def test_calibrate_rdp_needs_more_noise():
+    p = [phase(1.0, 875)]
+    pld = calibrate_noise(target_epsilon=1.0, target_delta=1e-5, phases=p).noise_multiplier
+    rdp = calibrate_noise(target_epsilon=1.0, target_delta=1e-5, phases=p, accountant="rdp").noise_multiplier
+    assert 1.05 < rdp / pld < 1.10
+
+
+def test_calibrate_bad_target():
+    with pytest.raises(InputError):
+        calibrate_noise(target_epsilon=0.0, target_delta=1e-5, phases=[phase(1.0, 10)])
+
+
+def test_epsilon_curve_is_monotone_and_ends_at_total():
+    phases = [phase(8.0, 200), phase(4.0, 1000)]
+    curve = epsilon_curve(phases, target_delta=1e-5, num_points=10)
+    steps = [s for s, _ in curve]
+    eps = [e for _, e in curve]
+    assert steps[0] == 0 and eps[0] == 0.0 and 200 in steps and steps[-1] == 1200
+    assert all(a <= b + 1e-9 for a, b in zip(eps, eps[1:]))
+    assert eps[-1] == pytest.approx(compute_epsilon(phases, target_delta=1e-5), rel=1e-9)

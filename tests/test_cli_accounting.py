@@ -1,0 +1,52 @@
+"""The accounting commands through the real console entry point."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def dprandp(*args):
+    return subprocess.run([sys.executable, "-m", "dprandp", *args], capture_output=True, text=True)
+
+
+def test_epsilon_json():
+    r = dprandp("epsilon", "--phase", "0.08192:9.3:875", "--delta", "1e-5", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["epsilon"] == pytest.approx(0.978, abs=0.01)
+
+
+def test_epsilon_two_phases_both_accountants():
+    args = ["epsilon", "--phase", "0.08192:8:200", "--phase", "0.08192:4:1000", "--delta", "1e-5", "--json"]
+    assert json.loads(dprandp(*args).stdout)["epsilon"] == pytest.approx(2.821, abs=0.01)
+    assert json.loads(dprandp(*args, "--accountant", "rdp").stdout)["epsilon"] == pytest.approx(3.064, abs=0.01)
+
+
+def test_calibrate_json():
+    r = dprandp("calibrate", "--epsilon", "1", "--delta", "1e-5", "--sample-rate", "0.08192", "--steps", "875", "--json")
+    out = json.loads(r.stdout)
+    assert 9.05 <= out["noise_multiplier"] <= 9.25
+    assert 0.99 <= out["epsilon"] <= 1.0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["calibrate", "--epsilon", "0", "--sample-rate", "0.1", "--steps", "10"], "epsilon"),
+    (["calibrate", "--epsilon", "-1", "--sample-rate", "0.1", "--steps", "10"], "epsilon"),
+    (["calibrate", "--epsilon", "1", "--delta", "1", "--sample-rate", "0.1", "--steps", "10"], "delta"),
+    (["calibrate", "--epsilon", "1", "--delta", "0", "--sample-rate", "0.1", "--steps", "10"], "delta"),
+    (["calibrate", "--epsilon", "1", "--sample-rate", "1.5", "--steps", "10"], "sample-rate"),
+    (["calibrate", "--epsilon", "1", "--sample-rate", "0.1", "--steps", "0"], "steps"),
+    (["epsilon", "--phase", "0.1:1"], "Q:SIGMA:STEPS"),
+    (["epsilon", "--phase", "a:b:c"], "numbers"),
+    (["epsilon", "--phase", "1.5:1:10"], "sample_rate"),
+    (["epsilon", "--phase", "0.1:1:0"], "STEPS"),
+    (["epsilon", "--phase", "0.1:1:10", "--delta", "2"], "delta"),
+    (["epsilon", "--phase", "0.1:1:10", "--accountant", "foo"], "accountant"),
+])
+def test_bad_input_one_line_exit_2(args, fragment):
+    r = dprandp(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert fragment in lines[0] and "Traceback" not in r.stderr
