@@ -1,0 +1,143 @@
+"""Per-sample clipping with augmentation multiplicity: the core primitive of DP-SGD.
+
+``clipped_grad_sum`` returns sum_i clip_C(g_i), where g_i is the gradient of sample i's loss
+averaged over its K views, and clip_C(g) = g * min(1, C / (||g|| + 1e-6)). The 1e-6 keeps the
+clipped norm strictly below C under rounding and leaves gradients with norm below C untouched.
+Everything is checked before any computation, so a bad call costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dprandp.errors import InputError, require
+from dprandp.privacy import functional, layerwise
+from dprandp.privacy.validate import validate_model
+
+METHODS = ("auto", "layerwise", "vmap")
+_EPS = 1e-6
+
+
+def cross_entropy_per_sample(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Default loss: cross-entropy per example (no reduction)."""
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+@dataclass
+class ClippedSum:
+    """Result of one chunk: the clipped sum and what the trainer reports about it."""
+
+    grad_sum: dict[str, torch.Tensor]
+    per_sample_norms: torch.Tensor  # before clipping, (B,)
+    per_sample_losses: torch.Tensor  # mean over views, (B,)
+    method: str
+
+
+def resolve_method(model: nn.Module, method: str) -> str:
+    """``auto`` -> ``layerwise`` when every trainable layer has a rule, else ``vmap``."""
+    require(method in METHODS, f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "vmap":
+        return method
+    missing = layerwise.unsupported_modules(model)
+    if method == "layerwise" and missing:
+        raise InputError("no layer-wise per-sample rule for: " + ", ".join(missing) + " (use method='vmap')")
+    return "vmap" if missing else "layerwise"
+
+
+def split_views(inputs: torch.Tensor, targets: torch.Tensor, multi_view: bool | None) -> tuple[torch.Tensor, int]:
+    """Check shapes; return the views flattened sample-major to (B*K, ...) and K."""
+    require(isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor), "inputs and targets must be tensors")
+    require(inputs.dim() >= 1 and targets.dim() >= 1, "inputs and targets need a batch dimension")
+    require(
+        inputs.shape[0] == targets.shape[0],
+        f"inputs have batch dimension {inputs.shape[0]} but targets have {targets.shape[0]}",
+    )
+    if multi_view is None:
+        multi_view = inputs.dim() == 5  # (B, K, C, H, W): K views of an image
+    if not multi_view:
+        return inputs, 1
+    require(inputs.dim() >= 3, f"multi-view inputs need shape (B, K, ...), got {tuple(inputs.shape)}")
+    k = inputs.shape[1]
+    require(k >= 1, "multi-view inputs need at least one view per sample")
+    return inputs.reshape(inputs.shape[0] * k, *inputs.shape[2:]), k
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """min(1, C / (norm + 1e-6)) per sample."""
+    return (max_grad_norm / (norms + _EPS)).clamp(max=1.0)
+
+
+def clip_and_sum(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    max_grad_norm: float,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    multi_view: bool | None = None,
+    method: str = "auto",
+) -> ClippedSum:
+    """:func:`clipped_grad_sum` with per-sample losses and the method used (for the trainer)."""
+    require(
+        isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+        and math.isfinite(max_grad_norm) and max_grad_norm > 0,
+        f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}",
+    )
+    trainable = validate_model(model)
+    views, k = split_views(inputs, targets, multi_view)
+    method = resolve_method(model, method)
+    b = inputs.shape[0]
+    if b == 0:
+        zeros = {n: torch.zeros_like(p) for n, p in trainable}
+        empty = torch.zeros(0, dtype=trainable[0][1].dtype, device=inputs.device)
+        return ClippedSum(zeros, empty, empty, method)
+    loss_fn = loss_fn or cross_entropy_per_sample
+    engine = layerwise if method == "layerwise" else functional
+    grads, losses = engine.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn)
+    sq = None
+    for n, _ in trainable:
+        s = grads[n].reshape(b, -1).pow(2).sum(dim=1)
+        sq = s if sq is None else sq + s
+    norms = sq.sqrt()
+    factors = clip_factors(norms, float(max_grad_norm))
+    grad_sum = {}
+    for n, p in trainable:
+        g = grads.pop(n)
+        grad_sum[n] = torch.tensordot(factors.to(g.dtype), g, dims=1).to(p.dtype)
+    return ClippedSum(grad_sum, norms.detach(), losses.detach(), method)
+
+
+def clipped_grad_sum(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    max_grad_norm: float,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    multi_view: bool | None = None,
+    method: str = "auto",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Sum over samples of clipped per-sample gradients, and the per-sample norms before clipping.
+
+    ``inputs``: (B, ...) one view per sample, or (B, K, ...) K augmented views whose gradients are
+    averaged *before* clipping (augmentation multiplicity). By default 5-D inputs are read as
+    (B, K, C, H, W); pass ``multi_view`` to say so explicitly for other ranks.
+    ``loss_fn(outputs, targets) -> (n,)`` per-example losses (default: cross-entropy).
+    ``method``: ``"layerwise"`` (fast rules for Conv/Linear/GroupNorm/LayerNorm), ``"vmap"``
+    (``torch.func``, any layer) or ``"auto"`` (layer-wise when it covers every trainable layer).
+
+    Returns ``(grad_sum, per_sample_norms)``: ``grad_sum`` maps every trainable parameter's name
+    to a tensor of its shape; frozen parameters (requires_grad False) are absent and cost nothing.
+    The model's ``.grad`` fields are not touched. Raises :class:`InputError` before any work for
+    cross-sample layers (BatchNorm), mismatched batch dimensions or ``max_grad_norm <= 0``.
+    """
+    out = clip_and_sum(
+        model, inputs, targets, max_grad_norm=max_grad_norm, loss_fn=loss_fn, multi_view=multi_view, method=method
+    )
+    return out.grad_sum, out.per_sample_norms

@@ -1,0 +1,191 @@
+"""Per-sample gradients layer by layer from one ordinary forward and backward pass.
+
+For the layers that hold the parameters (Conv, Linear, GroupNorm, LayerNorm) the gradient of a
+sample's loss with respect to the weights is a contraction of two things an ordinary backward pass
+already has: the layer's input activations and the gradient at its output. We capture the inputs
+with forward hooks, ask autograd for the gradients at the layer outputs only (so the batch weight
+gradients are never computed), and contract per sample. Augmentation multiplicity is free here:
+a sample's K views simply join the contraction as more positions, which *is* the gradient of the
+mean-over-views loss, i.e. the views are averaged before any clipping.
+
+Convolutions use the grouped-convolution identity: stacking the B samples along channels and
+convolving with ``groups = B`` turns one weight-gradient call into B per-sample ones, with the K
+views as the batch dimension it sums over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dprandp.errors import InputError
+
+#: Leaf module types with a per-sample rule here.
+SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.GroupNorm, nn.LayerNorm)
+
+
+def _own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def unsupported_modules(model: nn.Module) -> list[str]:
+    """Modules holding trainable parameters that have no per-sample rule here."""
+    out = []
+    for name, module in model.named_modules():
+        if not _own_trainable(module):
+            continue
+        if not isinstance(module, SUPPORTED):
+            out.append(f"{name} ({type(module).__name__})")
+        elif isinstance(module, nn.modules.conv._ConvNd) and isinstance(module.padding, str) and module.padding != "valid":
+            out.append(f"{name} (padding={module.padding!r})")
+    return out
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    prefix: str
+    inputs: torch.Tensor
+    output: torch.Tensor
+    versions: tuple[int, int]
+
+
+def _conv(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+    if module.padding_mode != "zeros":
+        a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = [0] * (a.dim() - 2)
+    else:
+        padding = [0] * (a.dim() - 2) if module.padding == "valid" else list(module.padding)
+    n = a.shape[0]
+    k = n // b
+    w = module.weight
+    grads = {}
+    if w.requires_grad:
+        # (B*K, C, ...) -> (K, B*C, ...): samples become channel groups, views the summed batch.
+        ai = a.reshape(b, k, *a.shape[1:]).transpose(0, 1).reshape(k, b * a.shape[1], *a.shape[2:])
+        gi = g.reshape(b, k, *g.shape[1:]).transpose(0, 1).reshape(k, b * g.shape[1], *g.shape[2:])
+        wb = w.detach().unsqueeze(0).expand(b, *w.shape).reshape(b * w.shape[0], *w.shape[1:])
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            gi, ai, wb, None, list(module.stride), padding, list(module.dilation), False,
+            [0] * (a.dim() - 2), b * module.groups, [False, True, False],
+        )
+        grads["weight"] = gw.reshape(b, *w.shape)
+    if module.bias is not None and module.bias.requires_grad:
+        grads["bias"] = g.reshape(b, k, g.shape[1], -1).sum(dim=(1, 3))
+    return grads
+
+
+def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+    a = a.reshape(b, -1, a.shape[-1])
+    g = g.reshape(b, -1, g.shape[-1])
+    grads = {}
+    if module.weight.requires_grad:
+        grads["weight"] = torch.bmm(g.transpose(1, 2), a)
+    if module.bias is not None and module.bias.requires_grad:
+        grads["bias"] = g.sum(dim=1)
+    return grads
+
+
+def _groupnorm(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+    grads = {}
+    c = a.shape[1]
+    if module.weight is not None and module.weight.requires_grad:
+        xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
+        grads["weight"] = (g * xhat).reshape(b, -1, c, xhat[0, 0].numel()).sum(dim=(1, 3))
+    if module.bias is not None and module.bias.requires_grad:
+        grads["bias"] = g.reshape(b, -1, c, g[0, 0].numel()).sum(dim=(1, 3))
+    return grads
+
+
+def _layernorm(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+    grads = {}
+    shape = tuple(module.normalized_shape)
+    if module.weight is not None and module.weight.requires_grad:
+        xhat = F.layer_norm(a, shape, None, None, module.eps)
+        grads["weight"] = (g * xhat).reshape(b, -1, *shape).sum(dim=1)
+    if module.bias is not None and module.bias.requires_grad:
+        grads["bias"] = g.reshape(b, -1, *shape).sum(dim=1)
+    return grads
+
+
+def _rule(module: nn.Module) -> Callable[..., dict[str, torch.Tensor]]:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return _conv
+    if isinstance(module, nn.Linear):
+        return _linear
+    if isinstance(module, nn.GroupNorm):
+        return _groupnorm
+    return _layernorm
+
+
+def per_sample_grads(
+    model: nn.Module,
+    views: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    augmult: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-sample gradients of the mean-over-views loss, from one forward/backward pass.
+
+    ``views``: (B*K, ...), sample-major (the K views of sample i are rows iK .. iK+K-1).
+    Returns ``({name: (B, *param.shape)}, per_sample_loss (B,))``.
+    """
+    n = views.shape[0]
+    b = n // augmult
+    calls: list[_Call] = []
+    handles = []
+
+    def make_hook(prefix: str):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled():
+                return
+            a = args[0]
+            calls.append(_Call(module, prefix, a.detach(), output, (a._version, output._version)))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if _own_trainable(module):
+            handles.append(module.register_forward_hook(make_hook(name + "." if name else "")))
+    try:
+        with torch.enable_grad():
+            out = model(views)
+    finally:
+        for h in handles:
+            h.remove()
+    losses = loss_fn(out, targets.repeat_interleave(augmult))
+    if losses.shape != (n,):
+        raise InputError(f"loss_fn must return one loss per view, shape ({n},); got {tuple(losses.shape)}")
+    sample_losses = losses.detach().reshape(b, augmult).mean(dim=1)
+    if not calls:
+        raise InputError("no trainable layer took part in the forward pass")
+    for c in calls:
+        if c.output.shape[0] != n or c.inputs.shape[0] != n:
+            raise InputError(
+                f"layer {c.prefix.rstrip('.')} changed the batch dimension ({n} -> {c.output.shape[0]}); "
+                "per-sample rules need the batch first: use method='vmap'"
+            )
+    # Sum over samples of the per-sample mean over views: each view's gradient carries 1/K.
+    total = losses.sum() / augmult
+    outs = torch.autograd.grad(total, [c.output for c in calls], allow_unused=True)
+    grads: dict[str, torch.Tensor] = {}
+    for c, g in zip(calls, outs):
+        if (c.inputs._version, c.output._version) != c.versions:
+            raise InputError(
+                f"an in-place operation modified the input or output of layer {c.prefix.rstrip('.')}; "
+                "per-sample gradients need out-of-place ops (or method='vmap')"
+            )
+        if g is None:
+            g = torch.zeros_like(c.output)
+        for pname, grad in _rule(c.module)(c.module, c.inputs, g, b).items():
+            key = c.prefix + pname
+            grads[key] = grads[key] + grad if key in grads else grad
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in grads:  # trainable but unused in this forward
+            grads[name] = torch.zeros((b, *p.shape), dtype=p.dtype, device=p.device)
+    return grads, sample_losses
