@@ -1,0 +1,214 @@
+"""Dataset loaders: each reads one source format and ends in :func:`make_image_data`.
+
+=============  ==========================================================================
+``digits``     scikit-learn's bundled 8x8 handwritten digits (1,797 images): no download,
+               the offline default. Fixed 75 / 25 split (seed 0), upscaled to 32 px.
+``cifar10``    an ``.npz`` with ``x_train, y_train, x_test, y_test`` (like
+``cifar100``   ``../shared/data/cifar10.npz``) or a torchvision root folder (downloaded by
+               torchvision when it is missing and the machine is online).
+``medmnist``   an official MedMNIST ``.npz`` (keys ``train_images``, ``train_labels``,
+               ``val_*``, ``test_*``), any 2D subset, 28 px -> 32 px, grayscale -> RGB;
+               a missing file named like a subset (``pathmnist.npz``) is downloaded by the
+               ``medmnist`` package when online.
+``imagefolder`` a folder of class folders, either ``train/`` + ``test/`` or one set split
+               with a fixed seed.
+``npz``        any ``.npz`` with the four CIFAR-style keys (optional ``class_names``).
+=============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from dprandp.data.base import ImageData, make_image_data, seeded_split
+from dprandp.errors import InputError, require
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+MEDMNIST_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+def default_data_root() -> Path:
+    """Where downloads go when ``--data`` is not given: ``$DPRANDP_DATA`` or ~/.cache/dprandp."""
+    return Path(os.environ.get("DPRANDP_DATA", Path.home() / ".cache" / "dprandp"))
+
+
+def read_npz(path: str | os.PathLike, *, required: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (no pickle), refusing a missing, corrupt or incomplete file."""
+    p = Path(path)
+    require(p.exists(), f"{what} file not found: {p}")
+    require(p.is_file(), f"{what} path is not a file: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+        raise InputError(f"{what} file {p} is not a readable .npz ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in required if k not in arrays]
+    require(not missing, f"{what} file {p} lacks key(s) {', '.join(missing)} "
+                         f"(has: {', '.join(sorted(arrays)) or 'none'})")
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------- digits
+def load_digits(path: str | None = None, *, seed: int = 0) -> ImageData:
+    """scikit-learn's 8x8 digits, pixel values 0..16 scaled to 0..255, 25 % held out as test."""
+    require(path is None, "the digits dataset is bundled with scikit-learn: do not pass --data")
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
+    train, test = seeded_split(len(images), test_fraction=0.25, seed=seed)
+    return make_image_data(name="digits", x_train=images[train], y_train=d.target[train],
+                           x_test=images[test], y_test=d.target[test], source="digits",
+                           num_classes=10, class_names=[str(i) for i in range(10)])
+
+
+# ------------------------------------------------------------------------------------------- npz
+def load_npz(path: str | None, *, name: str = "npz", num_classes: int | None = None) -> ImageData:
+    require(path is not None, f"the {name} dataset needs --data PATH.npz")
+    arrays = read_npz(path, required=NPZ_KEYS, what=name)
+    return make_image_data(
+        name=name, source=f"{name} {path}", num_classes=num_classes,
+        class_names=arrays.get("class_names"),
+        **{k: arrays[k] for k in NPZ_KEYS})
+
+
+# --------------------------------------------------------------------------------------- cifar
+_CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def load_cifar(path: str | None, *, name: str) -> ImageData:
+    """CIFAR-10/100 from an ``.npz`` or a torchvision root folder (downloaded when online)."""
+    classes = _CIFAR_CLASSES[name]
+    if path is not None and str(path).endswith(".npz"):
+        return load_npz(path, name=name, num_classes=classes)
+    root = Path(path) if path is not None else default_data_root()
+    require(not root.is_file(), f"{name}: {root} is a file but not an .npz; pass an .npz or a torchvision root folder")
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+    except RuntimeError:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            train = cls(str(root), train=True, download=True)
+            test = cls(str(root), train=False, download=True)
+        except Exception as exc:  # no network, no permission, corrupt archive ...
+            raise InputError(f"{name}: no dataset under {root} and the download failed "
+                             f"({type(exc).__name__}); pass --data with an .npz or a torchvision root") from None
+    return make_image_data(name=name, source=f"{name} {root}", num_classes=classes,
+                           class_names=train.classes,
+                           x_train=np.asarray(train.data), y_train=np.asarray(train.targets),
+                           x_test=np.asarray(test.data), y_test=np.asarray(test.targets))
+
+
+# ------------------------------------------------------------------------------------ medmnist
+def _medmnist_info(flag: str) -> dict | None:
+    try:
+        import medmnist
+    except ImportError:
+        return None
+    return medmnist.INFO.get(flag)
+
+
+def _download_medmnist(p: Path) -> None:
+    flag = p.stem.lower()
+    info = _medmnist_info(flag)
+    require(info is not None, f"medmnist file not found: {p} (to download, name the file after a "
+                              "MedMNIST 2D subset, e.g. pathmnist.npz, and install the medmnist package)")
+    require("3d" not in flag, f"medmnist: {flag} is a 3D subset; only 2D subsets are supported")
+    import medmnist
+
+    cls = getattr(medmnist, info["python_class"])
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        cls(split="train", download=True, root=str(p.parent))
+    except Exception as exc:
+        raise InputError(f"medmnist file not found: {p}, and downloading {flag} failed "
+                         f"({type(exc).__name__}; offline?)") from None
+    require(p.exists(), f"medmnist: downloaded {flag} but {p} is still missing")
+
+
+def load_medmnist(path: str | None) -> ImageData:
+    """An official MedMNIST 2D ``.npz`` (28 px). Keeps the official validation split."""
+    require(path is not None, "the medmnist dataset needs --data PATH.npz (e.g. ../data/pathmnist.npz)")
+    p = Path(path)
+    if not p.exists():
+        _download_medmnist(p)
+    arrays = read_npz(p, required=MEDMNIST_KEYS, what="medmnist")
+    x = arrays["train_images"]
+    require(x.ndim in (3, 4) and not (x.ndim == 4 and x.shape[-1] not in (1, 3)),
+            f"medmnist {p}: train_images of shape {x.shape} are not 2D images (3D subsets are not supported)")
+    info = _medmnist_info(p.stem.lower().split("_")[0])
+    num_classes, class_names = None, None
+    if info is not None and info.get("task") != "multi-label, binary-class":
+        labels = info.get("label", {})
+        class_names = [labels[k] for k in sorted(labels, key=int)]
+        num_classes = len(class_names)
+    has_val = "val_images" in arrays and "val_labels" in arrays
+    return make_image_data(
+        name=f"medmnist:{p.stem}", source=f"medmnist {p}", num_classes=num_classes,
+        class_names=class_names, x_train=x, y_train=arrays["train_labels"],
+        x_test=arrays["test_images"], y_test=arrays["test_labels"],
+        x_val=arrays["val_images"] if has_val else None, y_val=arrays["val_labels"] if has_val else None)
+
+
+# --------------------------------------------------------------------------------- imagefolder
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _read_folder(root: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    from dprandp.data.base import RESOLUTION
+
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        require(folder.is_dir(), f"imagefolder: class folder {folder} is missing")
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB")
+                    if im.size != (RESOLUTION, RESOLUTION):
+                        im = im.resize((RESOLUTION, RESOLUTION), Image.BILINEAR, reducing_gap=None)
+                    images.append(np.asarray(im, dtype=np.uint8))
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise InputError(f"imagefolder: cannot read image {f} ({type(exc).__name__})") from None
+            labels.append(label)
+    require(len(images) > 0, f"imagefolder: no images under {root}")
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def load_imagefolder(path: str | None, *, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
+    """Class folders: ``ROOT/train/<class>/*`` + ``ROOT/test/<class>/*``, or ``ROOT/<class>/*``
+    split with a fixed seed (``test_fraction`` held out)."""
+    require(path is not None, "the imagefolder dataset needs --data DIR")
+    root = Path(path)
+    require(root.is_dir(), f"imagefolder: {root} is not a directory")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes = [d.name for d in _class_dirs(root / "train")]
+        test_classes = [d.name for d in _class_dirs(root / "test")]
+        require(set(test_classes) <= set(classes),
+                f"imagefolder: test classes {sorted(set(test_classes) - set(classes))} are not in train")
+        x_tr, y_tr = _read_folder(root / "train", classes)
+        x_te, y_te = _read_folder(root / "test", [c for c in classes if c in test_classes])
+        # map test labels back to the train class indices
+        idx = {c: i for i, c in enumerate(classes)}
+        y_te = np.asarray([idx[c] for c in [c for c in classes if c in test_classes]])[y_te]
+    else:
+        classes = [d.name for d in _class_dirs(root)]
+        require(len(classes) >= 2, f"imagefolder: {root} needs at least 2 class folders, found {len(classes)}")
+        x, y = _read_folder(root, classes)
+        train, test = seeded_split(len(x), test_fraction=test_fraction, seed=seed)
+        x_tr, y_tr, x_te, y_te = x[train], y[train], x[test], y[test]
+    return make_image_data(name="imagefolder", source=f"imagefolder {root}", num_classes=len(classes),
+                           class_names=classes, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)

@@ -1,0 +1,173 @@
+"""Configuration of Phases II + III (:class:`TrainConfig`) and its presets.
+
+One frozen, keyword-only object holds every hyperparameter of a private training run; the CLI
+only fills it from flags (a preset first, then each flag given), and ``config.json`` in the run
+directory is exactly ``config.to_dict()``, so a run can be repeated or resumed from it.
+
+Presets
+-------
+``paper``  SPEC.md's CIFAR-10, epsilon = 1 setting: WRN-16-4, expected batch B = 4096, K = 16
+           views, 875 steps of which 96 in Phase II, SGD lr 15 (II) / 0.4 (III), no momentum,
+           C = 1, EMA of the weights. Hours on a GPU.
+``cpu``    the same recipe sized for a 2-core machine (WRN-16-1, smaller batch and K, fewer
+           steps). Every value can be overridden by a flag.
+``demo``   tiny: WRN-10-1 on ``digits``, about a minute; what ``dprandp run`` uses by default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from dprandp.errors import InputError, require
+
+#: SPEC.md: 96 of 875 steps in Phase II.
+PAPER_PHASE2_SHARE = 96 / 875
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that defines one DP training run (Phases II + III).
+
+    ``steps`` DP-SGD steps in total: the first ``phase2_steps`` train only the parameters the
+    prior lacks (final norm + head, trunk frozen), the rest train every parameter. One noise
+    multiplier serves all steps: calibrated for ``target_epsilon`` over all of them unless
+    ``noise_multiplier`` is given (then the run refuses to start if that noise would overshoot).
+    ``prior=None`` trains from scratch: no Phase II, all steps train every parameter.
+    """
+
+    # data
+    dataset: str = "digits"
+    data: str | None = None
+    val_fraction: float = 0.0
+    # model and prior
+    model: str = "wrn-16-4"
+    prior: str | None = None
+    # privacy
+    target_epsilon: float = 1.0
+    target_delta: float = 1e-5
+    noise_multiplier: float | None = None
+    accountant: str = "pld"
+    max_grad_norm: float = 1.0
+    # DP-SGD schedule
+    batch_size: int = 4096
+    augmult: int = 16
+    steps: int = 875
+    phase2_steps: int = 96
+    lr_phase2: float = 15.0
+    lr_phase3: float = 0.4
+    momentum: float = 0.0
+    ema: bool = True
+    # engineering
+    physical_batch_size: int = 128
+    seed: int = 0
+    deterministic_noise: bool = False
+    checkpoint_every: int = 25
+    eval_every: int = 0
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        def pos_int(name, minimum=1):
+            v = getattr(self, name)
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+                    f"{name.replace('_', '-')} must be an integer >= {minimum}, got {v!r}")
+
+        def pos_real(name, allow_zero=False):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            require(ok and (v >= 0 if allow_zero else v > 0),
+                    f"{name.replace('_', '-')} must be a finite number {'>=' if allow_zero else '>'} 0, got {v!r}")
+
+        for name in ("batch_size", "augmult", "steps", "physical_batch_size", "eval_batch_size", "checkpoint_every"):
+            pos_int(name)
+        pos_int("phase2_steps", 0)
+        pos_int("eval_every", 0)
+        for name in ("target_epsilon", "max_grad_norm", "lr_phase2", "lr_phase3"):
+            pos_real(name)
+        pos_real("momentum", allow_zero=True)
+        require(self.momentum < 1, f"momentum must be < 1, got {self.momentum}")
+        require(0 < self.target_delta < 1, f"delta must be in (0, 1), got {self.target_delta}")
+        require(0 <= self.val_fraction < 1, f"val-fraction must be in [0, 1), got {self.val_fraction}")
+        require(self.phase2_steps <= self.steps,
+                f"phase2-steps ({self.phase2_steps}) exceeds the total steps ({self.steps})")
+        require(self.prior is not None or self.phase2_steps == 0,
+                "without a prior there is no Phase II (linear probing of random features); "
+                "set phase2_steps=0 or give a prior")
+        if self.noise_multiplier is not None:
+            pos_real("noise_multiplier")
+        require(self.accountant in ("pld", "rdp"), f"unknown accountant {self.accountant!r}")
+
+    @property
+    def phase3_steps(self) -> int:
+        return self.steps - self.phase2_steps
+
+    def phase_of(self, step: int) -> str:
+        """'II' or 'III' for 0-based global step ``step``."""
+        return "II" if step < self.phase2_steps else "III"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        require(not unknown, f"unknown training config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, dict] = {
+    "paper": dict(model="wrn-16-4", batch_size=4096, augmult=16, steps=875, phase2_steps=96,
+                  lr_phase2=15.0, lr_phase3=0.4, momentum=0.0, max_grad_norm=1.0, ema=True,
+                  target_epsilon=1.0, target_delta=1e-5, physical_batch_size=128,
+                  checkpoint_every=25, eval_every=125),
+    # Sized for 2 cores on CIFAR-10 (N = 50,000): q = 0.02, 8 views, ~25 min with a prior.
+    "cpu": dict(model="wrn-16-1", batch_size=1000, augmult=4, steps=300,
+                phase2_steps=round(300 * PAPER_PHASE2_SHARE), lr_phase2=8.0, lr_phase3=1.0,
+                momentum=0.0, max_grad_norm=1.0, ema=True, physical_batch_size=250,
+                checkpoint_every=20, eval_every=50),
+    # Tiny: digits (1,348 train images), about a minute on 2 cores.
+    "demo": dict(dataset="digits", model="wrn-10-1", batch_size=256, augmult=2, steps=60,
+                 phase2_steps=10, lr_phase2=8.0, lr_phase3=2.0, momentum=0.0, max_grad_norm=1.0,
+                 ema=True, target_epsilon=4.0, physical_batch_size=128, checkpoint_every=20,
+                 eval_every=10),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """A preset with ``overrides`` (``None`` values are ignored, so CLI flags pass straight in).
+
+    ``phase2_share`` (fraction of ``steps`` spent in Phase II) is accepted as an override and
+    turned into ``phase2_steps``; without a prior, Phase II is dropped (all steps train every
+    parameter, as DP-SGD from scratch does).
+    """
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    given = {k: v for k, v in overrides.items() if v is not None}
+    share = given.pop("phase2_share", None)
+    phase3 = given.pop("phase3_steps", None)
+    values.update(given)
+    steps = values.get("steps", TrainConfig.steps)
+    if share is not None:
+        require(0 <= share <= 1, f"phase2-share must be in [0, 1], got {share}")
+        values["phase2_steps"] = int(round(share * steps))
+    elif "steps" in given and "phase2_steps" not in given:
+        values["phase2_steps"] = int(round(PAPER_PHASE2_SHARE * steps))
+    if phase3 is not None:
+        require(isinstance(phase3, int) and phase3 >= 0, f"phase3-steps must be an integer >= 0, got {phase3}")
+    if values.get("prior") is None:
+        # From scratch: every step trains every parameter ("Phase III" style), no linear probing.
+        if phase3 is not None:
+            values["steps"] = phase3
+        values["phase2_steps"] = 0
+    elif phase3 is not None:
+        if "steps" in given and "phase2_steps" in given:
+            require(given["steps"] == given["phase2_steps"] + phase3,
+                    "--steps, --phase2-steps and --phase3-steps disagree")
+        values["steps"] = values["phase2_steps"] + phase3
+    require(values.get("steps", 1) >= 1, "a run needs at least one DP step (--steps / --phase3-steps)")
+    return TrainConfig(**values)

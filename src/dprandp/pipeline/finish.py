@@ -1,0 +1,146 @@
+"""End of a run: the final model file, ``summary.json`` and the report; and ``evaluate``.
+
+The reported model is the *final* EMA model (never the best over steps, which would select on
+the test set). Its epsilon is recomputed from the ledger, so the summary states what was spent,
+including steps a crash lost, not what was planned.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dprandp.data import NORMALIZE_MEAN, NORMALIZE_STD, ImageData
+from dprandp.errors import InputError, require
+from dprandp.pipeline.rundir import MetricsLog, atomic_torch_save, atomic_write_json, code_version
+
+MODEL_FORMAT = "dprandp-model/1"
+
+
+def save_model(path: Path, model, *, model_name: str, data: ImageData, extra: dict) -> None:
+    """A self-describing classifier file: weights + everything needed to rebuild and run it."""
+    atomic_torch_save(path, {
+        "format": MODEL_FORMAT,
+        "model": model_name,
+        "wrn_config": model.config.to_dict(),
+        "num_classes": data.num_classes,
+        "class_names": list(data.class_names),
+        "normalize": {"mean": list(NORMALIZE_MEAN), "std": list(NORMALIZE_STD)},
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        **extra,
+    })
+
+
+def load_model(path: str | Path):
+    """(model in eval mode, metadata) from a ``model.pt`` written by :func:`save_model`."""
+    from dprandp.models import create_model
+
+    p = Path(path)
+    require(p.is_file(), f"model file not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"model file {p} is unreadable ({type(exc).__name__})") from None
+    require(isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT,
+            f"{p} is not a dprandp model file (a prior or a training checkpoint? use RUN_DIR/model.pt)")
+    wrn = dict(obj["wrn_config"])
+    wrn.pop("num_classes", None)
+    model = create_model(obj["model"], num_classes=int(obj["num_classes"]))
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError as exc:
+        raise InputError(f"model file {p} does not match architecture {obj['model']}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    meta = {k: v for k, v in obj.items() if k != "state_dict"}
+    return model, meta
+
+
+def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", batch_size: int = 1024) -> dict:
+    """Accuracy of a saved model on ``data``'s ``split`` (``test`` or ``val``)."""
+    from dprandp.pipeline.trainer import accuracy
+
+    model, meta = load_model(model_path)
+    require(meta["num_classes"] == data.num_classes,
+            f"the model has {meta['num_classes']} classes but dataset {data.name} has {data.num_classes}")
+    require(split in ("test", "val", "train"), f"unknown split {split!r}")
+    x, y = {"test": (data.x_test, data.y_test), "val": (data.x_val, data.y_val),
+            "train": (data.x_train, data.y_train)}[split]
+    require(x is not None, f"dataset {data.name} has no {split} split")
+    acc = accuracy(model, x, y, batch_size=batch_size)
+    return {"accuracy": acc, "split": split, "num_examples": int(len(x)), "dataset": data.name,
+            "model": str(model_path), "architecture": meta["model"],
+            "epsilon": meta.get("epsilon"), "delta": meta.get("delta")}
+
+
+def prior_preview(prior: str | None, n: int = 32) -> np.ndarray | None:
+    """A few of the prior's random-process images, re-rendered from its provenance (or None)."""
+    if prior is None:
+        return None
+    try:
+        from dprandp import processes
+        from dprandp.pretrain import load_prior
+
+        _, meta = load_prior(prior)
+        prov = meta.get("provenance", {})
+        name, seed, size = prov.get("process"), prov.get("seed"), prov.get("image_size", 64)
+        if name is None or seed is None:
+            return None
+        return processes.get_process(name).render(np.arange(n), seed=int(seed), size=int(size))
+    except Exception:  # the report is still useful without the picture
+        return None
+
+
+def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported, final: dict,
+               steps_applied: int, stopped: str | None, wall_time_s: float, log) -> "TrainResult":
+    from dprandp.pipeline.report import write_report
+    from dprandp.pipeline.state import CHECKPOINT_NAME
+    from dprandp.pipeline.trainer import TrainResult
+
+    epsilon = ledger.epsilon()
+    phases_done = {"II": 0, "III": 0}
+    for r in ledger.records:
+        phases_done[r.phase] = phases_done.get(r.phase, 0) + 1
+    notes = []
+    if config.prior is None:
+        notes.append("No prior: this is DP-SGD from scratch (the baseline). Every step trains every "
+                     "parameter; there is no Phase II.")
+    elif config.phase3_steps == 0:
+        notes.append("Phase III skipped (--phase3-steps 0): DP linear probing of the prior's features only.")
+    if stopped:
+        notes.append(stopped)
+    if ledger.steps > steps_applied:
+        notes.append(f"The ledger counts {ledger.steps} DP steps but the model received {steps_applied} updates: "
+                     f"{ledger.steps - steps_applied} step(s) were lost in a crash and are still counted.")
+    if config.deterministic_noise:
+        notes.append("--deterministic-noise: noise and batch sampling were seeded from --seed. Reproducible, but "
+                     "anyone who knows the seed can subtract the noise: never release such a model.")
+    summary = {
+        "test_accuracy": final["test_accuracy"], "val_accuracy": final.get("val_accuracy"),
+        "epsilon": epsilon, "delta": config.target_delta, "target_epsilon": config.target_epsilon,
+        "planned_epsilon": plan.planned_epsilon, "accountant": config.accountant,
+        "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+        "max_grad_norm": config.max_grad_norm, "batch_size": config.batch_size, "augmult": config.augmult,
+        "steps": ledger.steps, "steps_applied": steps_applied, "planned_steps": config.steps,
+        "phase2_steps_done": phases_done.get("II", 0), "phase3_steps_done": phases_done.get("III", 0),
+        "num_train": data.num_train, "num_test": int(len(data.x_test)), "num_classes": data.num_classes,
+        "dataset": data.name, "prior": config.prior, "model": config.model,
+        "wall_time_s": wall_time_s, "code_version": code_version(),
+        "deterministic_noise": config.deterministic_noise, "stopped_early": stopped,
+        "finished": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    require(epsilon <= config.target_epsilon + 1e-12, "internal error: the ledger exceeds the target epsilon")
+    save_model(run_dir / "model.pt", reported, model_name=config.model, data=data,
+               extra={"epsilon": epsilon, "delta": config.target_delta, "dataset": data.name,
+                      "train_config": config.to_dict()})
+    ledger_phases = [{"sample_rate": p.sample_rate, "noise_multiplier": p.noise_multiplier, "steps": p.steps}
+                     for p in ledger.phases()]
+    write_report(run_dir, summary=summary, config=config.to_dict(), metrics=MetricsLog(run_dir).read(),
+                 ledger_phases=ledger_phases, notes=notes, prior_images=prior_preview(config.prior))
+    atomic_write_json(run_dir / "summary.json", summary)  # last: its presence means "complete"
+    (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    log(f"test accuracy {100 * summary['test_accuracy']:.2f} % at (epsilon = {epsilon:.3f}, delta = "
+        f"{config.target_delta:g}); run directory {run_dir}")
+    return TrainResult(run_dir=run_dir, summary=summary)

@@ -1,0 +1,324 @@
+"""Phases II + III: DP-SGD on the private data from a prior, with ledger, checkpoints and EMA.
+
+``train(config, out=RUN_DIR)`` runs a fresh run, ``resume(RUN_DIR)`` continues a killed one.
+Order of one step (this order is what makes the ledger trustworthy):
+
+1. ask the ledger whether one more step stays within the target epsilon; if not, stop;
+2. Poisson-sample a logical batch, augment K views per sample, clip per-sample gradients
+   (averaged over the views first), add Gaussian noise once (the DP-SGD engine);
+3. ``before_update``: append the step to ``ledger.jsonl`` and fsync;
+4. apply the update, fold it into the EMA, log metrics; every ``checkpoint_every`` steps
+   write an atomic checkpoint.
+
+Phase II trains only the parameters the prior lacks (final norm + head): the trunk's parameters
+have ``requires_grad=False``, so the engine computes no per-sample gradient for them. Phase III
+trains all parameters. Both phases use the same noise multiplier, calibrated over all steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from dprandp.accounting import DPPhase, calibrate_noise, compute_epsilon
+from dprandp.augment import random_crop_flip
+from dprandp.data import ImageData, load_dataset, to_float
+from dprandp.errors import InputError, require
+from dprandp.models import create_model
+from dprandp.pipeline import state as st
+from dprandp.pipeline.config import TrainConfig
+from dprandp.pipeline.ledger import PrivacyLedger
+from dprandp.pipeline.rundir import MetricsLog, atomic_write_json, code_version, prepare_run_dir, read_json
+from dprandp.privacy import DPSGD, EMA, DPConfig, PoissonSampler
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a config means for a dataset: q, sigma and the epsilon the full schedule reaches."""
+
+    num_train: int
+    sample_rate: float
+    noise_multiplier: float
+    planned_epsilon: float
+
+    def phases(self, config: TrainConfig) -> list[DPPhase]:
+        return [DPPhase(sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier, steps=s)
+                for s in (config.phase2_steps, config.phase3_steps) if s > 0]
+
+
+def make_plan(config: TrainConfig, num_train: int) -> Plan:
+    """q = B / N from the config; one sigma for all steps (calibrated unless given)."""
+    n = num_train
+    require(config.target_delta < 1.0 / n,
+            f"delta = {config.target_delta:g} must be below 1/N = 1/{n} = {1.0 / n:.3g} "
+            f"(N = {n} training images); a larger delta allows leaking whole records")
+    require(config.batch_size <= n, f"batch size {config.batch_size} exceeds the {n} training images")
+    q = config.batch_size / n
+    shape = [DPPhase(sample_rate=q, noise_multiplier=1.0, steps=config.steps)]
+    if config.noise_multiplier is None:
+        cal = calibrate_noise(target_epsilon=config.target_epsilon, target_delta=config.target_delta,
+                              phases=shape, accountant=config.accountant)
+        sigma, eps = cal.noise_multiplier, cal.epsilon
+    else:
+        sigma = float(config.noise_multiplier)
+        eps = compute_epsilon([shape[0].with_noise(sigma)], target_delta=config.target_delta,
+                              accountant=config.accountant)
+        require(eps <= config.target_epsilon,
+                f"noise multiplier {sigma:g} over {config.steps} steps spends epsilon = {eps:.4f} "
+                f"> target {config.target_epsilon:g}; raise it or drop --noise-multiplier to calibrate")
+    return Plan(num_train=n, sample_rate=q, noise_multiplier=sigma, planned_epsilon=eps)
+
+
+def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The classifier, initialised from ``--seed``, with the prior's trunk loaded if any."""
+    model = create_model(config.model, num_classes=num_classes, seed=st.derive_seed(config.seed, "init"))
+    if config.prior is not None:
+        from dprandp.pretrain import apply_prior
+
+        apply_prior(model, config.prior)
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, images, labels, *, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` on uint8 NHWC ``images`` (no augmentation)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        logits = model(to_float(images[i:i + batch_size]))
+        correct += int((logits.argmax(1) == torch.as_tensor(labels[i:i + batch_size])).sum())
+    model.train(was_training)
+    return correct / len(images)
+
+
+class _AccuracyMeter:
+    """Per-sample cross-entropy that also counts correct predictions of the views it sees
+    (the engine calls it on each physical chunk; inside ``vmap`` it only computes the loss)."""
+
+    def __init__(self) -> None:
+        self.correct, self.total = 0, 0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, targets, reduction="none")
+        try:
+            self.correct += int((logits.detach().argmax(1) == targets).sum())
+            self.total += int(targets.numel())
+        except RuntimeError:  # batched tensors inside torch.func.vmap
+            pass
+        return loss
+
+    def take(self) -> float:
+        acc = self.correct / self.total if self.total else float("nan")
+        self.correct, self.total = 0, 0
+        return acc
+
+
+def _set_phase(model, config: TrainConfig, phase: str):
+    """requires_grad for the phase and a fresh SGD optimizer over the trainable parameters."""
+    lacks = type(model).PRIOR_LACKS
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(phase == "III" or name.startswith(lacks))
+        if p.requires_grad:
+            trainable.append(p)
+    lr = config.lr_phase2 if phase == "II" else config.lr_phase3
+    return torch.optim.SGD(trainable, lr=lr, momentum=config.momentum), lr
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of a run; ``summary`` is exactly what ``summary.json`` holds."""
+
+    run_dir: Path
+    summary: dict
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.summary["test_accuracy"]
+
+    @property
+    def epsilon(self) -> float:
+        return self.summary["epsilon"]
+
+
+def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, progress: bool | None = None,
+          log=None, data: ImageData | None = None) -> TrainResult:
+    """Run Phases II + III from scratch into a new run directory ``out``.
+
+    Everything that can be refused (data, prior, budget, delta) is checked before the directory
+    is created, so a refused run writes nothing.
+    """
+    log = log or (lambda msg: None)
+    t0 = time.time()
+    if data is None:
+        data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
+    model = build_model(config, data.num_classes)
+    plan = make_plan(config, data.num_train)
+    run_dir = prepare_run_dir(out, overwrite=overwrite)
+    cfg = config.to_dict()
+    atomic_write_json(run_dir / "config.json", {
+        "train": cfg, "derived": {"num_train": plan.num_train, "sample_rate": plan.sample_rate,
+                                  "noise_multiplier": plan.noise_multiplier,
+                                  "planned_epsilon": plan.planned_epsilon, "num_classes": data.num_classes,
+                                  "phase3_steps": config.phase3_steps},
+        "code_version": code_version()})
+    ledger = PrivacyLedger.create(run_dir, target_epsilon=config.target_epsilon, target_delta=config.target_delta,
+                                  accountant=config.accountant, deterministic_noise=config.deterministic_noise)
+    gens = st.make_generators(config.seed, deterministic_noise=config.deterministic_noise)
+    ema = EMA(model) if config.ema else None
+    log(f"{data.describe()}; q = {plan.sample_rate:.5g}, sigma = {plan.noise_multiplier:.4f}, "
+        f"{config.steps} steps (II: {config.phase2_steps}, III: {config.phase3_steps}), "
+        f"planned epsilon = {plan.planned_epsilon:.4f} at delta = {config.target_delta:g}")
+    st.save_checkpoint(run_dir, step=0, phase=config.phase_of(0), model=model, optimizer=None, ema=ema,
+                       generators=gens, config=cfg, ledger_steps=0,
+                       deterministic_noise=config.deterministic_noise, extra={"wall_time_s": 0.0})
+    return _loop(config, run_dir, data, model, ema, gens, ledger, plan, start=0, optimizer_state=None,
+                 wall_before=0.0, t_start=t0, progress=progress, log=log)
+
+
+def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data: ImageData | None = None) -> TrainResult:
+    """Continue a killed run from its last checkpoint. Steps in the ledger beyond the checkpoint
+    stay counted (their updates were lost, their privacy cost was not)."""
+    log = log or (lambda msg: None)
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    require(run_dir.is_dir(), f"run directory {run_dir} does not exist")
+    require(not (run_dir / "summary.json").exists(), f"run {run_dir} is already complete (summary.json exists)")
+    saved = read_json(run_dir / "config.json", "run config")
+    try:
+        config = TrainConfig.from_dict(saved["train"])
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"run config {run_dir / 'config.json'} is not a dprandp training config ({exc})") from None
+    ckpt = st.load_checkpoint(run_dir)
+    ledger = PrivacyLedger.open(run_dir)
+    if data is None:
+        data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
+    plan = make_plan(config, data.num_train)
+    require(abs(plan.noise_multiplier - saved["derived"]["noise_multiplier"]) < 1e-9 * max(1.0, plan.noise_multiplier)
+            and plan.num_train == saved["derived"]["num_train"],
+            f"the data or accountant changed since {run_dir} started (N or sigma differ); cannot resume")
+    model = create_model(config.model, num_classes=data.num_classes)
+    model.load_state_dict(ckpt["model"])
+    ema = EMA(model) if config.ema else None
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    gens = st.make_generators(config.seed, deterministic_noise=config.deterministic_noise)
+    for name, g_state in ckpt["generators"].items():
+        gens[name].set_state(g_state)
+    start = int(ckpt["step"])
+    lost = ledger.steps - start
+    ledger.record_resume(from_step=start)
+    MetricsLog(run_dir).truncate_after(start)
+    log(f"resuming {run_dir} at step {start}/{config.steps}; ledger holds {ledger.steps} steps"
+        + (f" ({lost} spent by the killed process but lost, still counted)" if lost > 0 else ""))
+    opt_state = ckpt["optimizer"] if ckpt.get("phase") == config.phase_of(start) else None
+    return _loop(config, run_dir, data, model, ema, gens, ledger, plan, start=start, optimizer_state=opt_state,
+                 wall_before=float(ckpt.get("wall_time_s", 0.0)), t_start=t0, progress=progress, log=log)
+
+
+def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optimizer_state, wall_before,
+          t_start, progress, log) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    from dprandp.pipeline.finish import finish_run
+
+    import sys
+
+    progress = sys.stderr.isatty() if progress is None else progress
+    metrics = MetricsLog(run_dir)
+    dp_config = DPConfig.for_dataset(num_samples=plan.num_train, batch_size=config.batch_size,
+                                     noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                                     augmult=config.augmult, physical_batch_size=config.physical_batch_size)
+    sampler = PoissonSampler(num_samples=plan.num_train, sample_rate=plan.sample_rate, generator=gens["sampling"])
+    x_train = torch.from_numpy(data.x_train)
+    y_train = torch.from_numpy(data.y_train)
+    meter = _AccuracyMeter()
+    eval_model = create_model(config.model, num_classes=data.num_classes)
+
+    def make_views(idx):
+        views = random_crop_flip(to_float(x_train[idx]), augmult=config.augmult, generator=gens["augment"])
+        return views, y_train[idx]
+
+    phase, optimizer, engine, lr = None, None, None, None
+    stopped = None
+    bar = tqdm(total=config.steps, initial=start, desc="DP-SGD", unit="step", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    t = start
+    for t in range(start, config.steps):
+        if config.phase_of(t) != phase:
+            phase = config.phase_of(t)
+            optimizer, lr = _set_phase(model, config, phase)
+            if optimizer_state is not None:
+                optimizer.load_state_dict(optimizer_state)
+                optimizer_state = None
+            engine = DPSGD(model, optimizer, config=dp_config, noise_generator=gens["noise"], loss_fn=meter)
+        eps_next = ledger.epsilon_after_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier)
+        if not (math.isfinite(eps_next) and eps_next <= config.target_epsilon):
+            stopped = (f"stopped after {t} of {config.steps} steps: one more step would spend epsilon = "
+                       f"{eps_next:.4f} > target {config.target_epsilon:g} (the ledger counts "
+                       f"{ledger.steps} steps, including steps lost in a crash)")
+            log(stopped)
+            break
+        step_no = t + 1
+
+        def before_update(phase=phase, step_no=step_no):
+            ledger.record_step(phase=phase, step=step_no, sample_rate=plan.sample_rate,
+                               noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm)
+
+        stats = engine.step_from_indices(sampler.sample(), make_views, before_update=before_update)
+        if ema is not None:
+            ema.update(model)
+        loss = stats.loss
+        require(not (math.isfinite(stats.grad_norm) and not math.isfinite(loss)),
+                f"loss became {loss} at step {step_no}; lower the learning rate")
+        rec = {"kind": "step", "step": step_no, "phase": phase, "loss": loss, "train_accuracy": meter.take(),
+               "lr": lr, "epsilon": ledger.epsilon(), "batch_size": stats.batch_size,
+               "grad_norm": stats.grad_norm, "clipped_fraction": stats.clipped_fraction,
+               "seconds": stats.seconds}
+        metrics.append(_clean(rec))
+        bar.update(1)
+        bar.set_postfix(phase=phase, loss=f"{loss:.3f}", eps=f"{rec['epsilon']:.3f}")
+        if config.eval_every and step_no % config.eval_every == 0 and step_no < config.steps:
+            metrics.append(_clean(_evaluate(model, ema, eval_model, data, config, step_no)))
+        if step_no % config.checkpoint_every == 0 and step_no < config.steps:
+            st.save_checkpoint(run_dir, step=step_no, phase=phase, model=model, optimizer=optimizer, ema=ema,
+                               generators=gens, config=config.to_dict(), ledger_steps=ledger.steps,
+                               deterministic_noise=config.deterministic_noise,
+                               extra={"wall_time_s": wall_before + time.time() - t_start})
+    else:
+        t = config.steps
+    bar.close()
+    steps_applied = t
+    final = _evaluate(model, ema, eval_model, data, config, steps_applied)
+    metrics.append(_clean(final))
+    return finish_run(run_dir, config=config, data=data, plan=plan, ledger=ledger, reported=eval_model,
+                      final=final, steps_applied=steps_applied, stopped=stopped,
+                      wall_time_s=wall_before + time.time() - t_start, log=log)
+
+
+def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step: int) -> dict:
+    """Test (and validation) accuracy of the reported model: the EMA, or the model itself."""
+    if ema is not None:
+        ema.copy_to(eval_model)
+    else:
+        eval_model.load_state_dict(model.state_dict())
+    rec = {"kind": "eval", "step": step,
+           "test_accuracy": accuracy(eval_model, data.x_test, data.y_test, batch_size=config.eval_batch_size)}
+    if data.x_val is not None:
+        rec["val_accuracy"] = accuracy(eval_model, data.x_val, data.y_val, batch_size=config.eval_batch_size)
+    return rec
+
+
+def _clean(rec: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+
+
+def load_summary(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
