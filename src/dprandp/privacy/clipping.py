@@ -102,7 +102,7 @@ def clip_and_sum(
     grads, losses = engine.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn)
     sq = None
     for n, _ in trainable:
-        s = grads[n].reshape(b, -1).pow(2).sum(dim=1)
+        s = torch.linalg.vector_norm(grads[n].reshape(b, -1), dim=1).square()
         sq = s if sq is None else sq + s
     norms = sq.sqrt()
     factors = clip_factors(norms, float(max_grad_norm))

@@ -54,6 +54,37 @@ class _Call:
     versions: tuple[int, int]
 
 
+#: Below this many output positions per sample (views x pixels), im2col + batched matmul beats
+#: the grouped convolution on CPUs (small feature maps, many channels); above, grouped wins.
+_UNFOLD_MAX_POSITIONS = 128
+
+
+def _conv_weight_grouped(module, a: torch.Tensor, g: torch.Tensor, b: int, padding: list[int]) -> torch.Tensor:
+    """Per-sample conv weight gradients with one ``groups = B * groups`` weight-gradient call."""
+    w = module.weight
+    k = a.shape[0] // b
+    # (B*K, C, ...) -> (K, B*C, ...): samples become channel groups, views the summed batch.
+    ai = a.reshape(b, k, *a.shape[1:]).transpose(0, 1).reshape(k, b * a.shape[1], *a.shape[2:])
+    gi = g.reshape(b, k, *g.shape[1:]).transpose(0, 1).reshape(k, b * g.shape[1], *g.shape[2:])
+    # Only the weight's shape matters for a weight gradient: no need to copy B replicas of it.
+    shape_only = w.new_empty((b * w.shape[0], *w.shape[1:]))
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        gi, ai, shape_only, None, list(module.stride), padding, list(module.dilation), False,
+        [0] * (a.dim() - 2), b * module.groups, [False, True, False],
+    )
+    return gw.reshape(b, *w.shape)
+
+
+def _conv2d_weight_unfold(module, a: torch.Tensor, g: torch.Tensor, b: int, padding: list[int]) -> torch.Tensor:
+    """Per-sample conv2d weight gradients as im2col + one batched matmul (small feature maps)."""
+    w = module.weight
+    cols = F.unfold(a, w.shape[2:], dilation=module.dilation, padding=padding, stride=module.stride)  # (N, d, T)
+    d, t = cols.shape[1], cols.shape[2]
+    cols = cols.reshape(b, -1, d, t).transpose(1, 2).reshape(b, d, -1)  # (B, d, K*T)
+    gg = g.reshape(b, -1, g.shape[1], t).transpose(1, 2).reshape(b, g.shape[1], -1)  # (B, p, K*T)
+    return torch.bmm(gg, cols.transpose(1, 2)).reshape(b, *w.shape)
+
+
 def _conv(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
     if module.padding_mode != "zeros":
         a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
@@ -65,15 +96,11 @@ def _conv(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, b: 
     w = module.weight
     grads = {}
     if w.requires_grad:
-        # (B*K, C, ...) -> (K, B*C, ...): samples become channel groups, views the summed batch.
-        ai = a.reshape(b, k, *a.shape[1:]).transpose(0, 1).reshape(k, b * a.shape[1], *a.shape[2:])
-        gi = g.reshape(b, k, *g.shape[1:]).transpose(0, 1).reshape(k, b * g.shape[1], *g.shape[2:])
-        wb = w.detach().unsqueeze(0).expand(b, *w.shape).reshape(b * w.shape[0], *w.shape[1:])
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            gi, ai, wb, None, list(module.stride), padding, list(module.dilation), False,
-            [0] * (a.dim() - 2), b * module.groups, [False, True, False],
-        )
-        grads["weight"] = gw.reshape(b, *w.shape)
+        spatial = k * g[0, 0].numel()
+        if a.dim() == 4 and spatial <= _UNFOLD_MAX_POSITIONS and module.groups == 1:
+            grads["weight"] = _conv2d_weight_unfold(module, a, g, b, padding)
+        else:
+            grads["weight"] = _conv_weight_grouped(module, a, g, b, padding)
     if module.bias is not None and module.bias.requires_grad:
         grads["bias"] = g.reshape(b, k, g.shape[1], -1).sum(dim=(1, 3))
     return grads

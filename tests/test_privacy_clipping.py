@@ -1,0 +1,244 @@
+"""Per-sample clipping against independent references: loops of batch-size-1 backward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dprandp.errors import InputError
+from dprandp.models import create_model
+from dprandp.privacy import clipped_grad_sum
+
+METHODS = ["layerwise", "vmap"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: threading only adds overhead, and the cores are shared with other test workers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_wrn(seed: int = 0) -> nn.Module:
+    return create_model("wrn-10-1", num_classes=5, seed=seed).double()
+
+
+def loop_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Each sample's gradient of its mean-over-views loss, one backward pass per view."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    out = []
+    for i in range(x.shape[0]):
+        views = x[i] if x.dim() == 5 else x[i : i + 1]
+        acc = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+        for v in range(views.shape[0]):
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(views[v : v + 1]), y[i : i + 1])
+            loss.backward()
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    acc[n] += p.grad / views.shape[0]
+        out.append({n: acc[n] for n in names})
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def norm_of(g: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum((t**2).sum() for t in g.values()))
+
+
+def clipped_reference(per_sample, c):
+    total = {n: torch.zeros_like(t) for n, t in per_sample[0].items()}
+    norms = []
+    for g in per_sample:
+        nrm = norm_of(g)
+        norms.append(nrm)
+        scale = min(1.0, c / (float(nrm) + 1e-6))
+        for n in total:
+            total[n] += g[n] * scale
+    return total, torch.stack(norms)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("views", [0, 3])
+def test_per_sample_grads_match_loop(method, views):
+    gen = torch.Generator().manual_seed(1)
+    model = tiny_wrn()
+    shape = (5, views, 3, 16, 16) if views else (5, 3, 16, 16)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (5,), generator=gen)
+    ref = loop_reference(model, x, y)
+    # A huge bound: nothing is clipped, so the sum is the plain sum of per-sample gradients.
+    g, norms = clipped_grad_sum(model, x, y, max_grad_norm=1e9, method=method)
+    ref_sum, ref_norms = clipped_reference(ref, 1e9)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
+    assert g.keys() == ref_sum.keys()
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)
+    for p in model.parameters():
+        assert p.grad is None  # the primitive leaves .grad alone
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_clipping_bounds_and_untouched(method):
+    gen = torch.Generator().manual_seed(2)
+    model = tiny_wrn()
+    x = torch.randn(6, 2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,), generator=gen)
+    ref = loop_reference(model, x, y)
+    ref_norms = torch.stack([norm_of(g) for g in ref])
+    c = float(ref_norms.median())  # some samples above, some below C
+    assert (ref_norms < c).any() and (ref_norms > c).any()
+    g, norms = clipped_grad_sum(model, x, y, max_grad_norm=c, method=method)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=0)
+    ref_sum, _ = clipped_reference(ref, c)
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)
+    # Each sample alone: its clipped gradient is the sum over a batch of one.
+    for i in range(6):
+        gi, ni = clipped_grad_sum(model, x[i : i + 1], y[i : i + 1], max_grad_norm=c, method=method)
+        clipped_norm = norm_of(gi)
+        assert clipped_norm <= c * (1 + 1e-12)
+        if ref_norms[i] < c:
+            for n in gi:  # below the bound: exactly the unclipped gradient
+                torch.testing.assert_close(gi[n], ref[i][n], rtol=1e-10, atol=1e-14)
+        else:
+            assert clipped_norm == pytest.approx(c, rel=1e-5)
+
+
+def test_float32_layerwise_matches_float64_loop():
+    gen = torch.Generator().manual_seed(3)
+    model64 = tiny_wrn()
+    model32 = tiny_wrn().float()
+    x = torch.randn(4, 2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (4,), generator=gen)
+    ref_sum, ref_norms = clipped_reference(loop_reference(model64, x, y), 1e9)
+    g, norms = clipped_grad_sum(model32, x.float(), y, max_grad_norm=1e9)
+    torch.testing.assert_close(norms, ref_norms.float(), rtol=1e-4, atol=1e-5)
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n].float(), rtol=1e-3, atol=1e-4)
+
+
+class Mixed(nn.Module):
+    """Linear on sequences, LayerNorm, a conv with reflect padding and stride, and a frozen layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect")
+        self.frozen = nn.Conv2d(4, 4, 1)
+        self.frozen.requires_grad_(False)
+        self.norm = nn.LayerNorm(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.frozen(torch.tanh(self.gn(self.conv(x))))  # (N, 4, 4, 4)
+        h = self.norm(h.flatten(2).transpose(1, 2))  # (N, 16, 4): a sequence of 16 tokens
+        return self.fc(h).mean(dim=1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_other_layers_and_frozen_excluded(method):
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    model = Mixed().double()
+    x = torch.randn(3, 2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (3,), generator=gen)
+    ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 1e9)
+    g, norms = clipped_grad_sum(model, x, y, max_grad_norm=1e9, method=method)
+    assert not any(n.startswith("frozen.") for n in g)
+    assert set(g) == {n for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)
+
+
+def test_frozen_trunk_skipped_entirely():
+    """Phase II: with the trunk frozen, no hook or graph touches it; only final norm + head appear."""
+    model = tiny_wrn()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(model.PRIOR_LACKS))
+    calls = []
+    for m in model.trunk.modules():
+        m.register_forward_hook(lambda mod, a, o: calls.append(o.requires_grad))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (4,), generator=gen)
+    g, _ = clipped_grad_sum(model, x, y, max_grad_norm=1e9)
+    assert set(g) == set(model.head_parameter_names())
+    assert calls and not any(calls)  # the trunk ran without recording a graph
+    ref_sum, _ = clipped_reference(loop_reference(model, x, y), 1e9)
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)
+
+
+def test_auto_falls_back_to_vmap_for_unknown_layers():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), Scale()).double()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 0.5)
+    g, norms = clipped_grad_sum(model, x, y, max_grad_norm=0.5)
+    torch.testing.assert_close(norms, ref_norms)
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n])
+    with pytest.raises(InputError, match="Scale"):
+        clipped_grad_sum(model, x, y, max_grad_norm=0.5, method="layerwise")
+
+
+def test_empty_batch_gives_zeros():
+    model = tiny_wrn()
+    g, norms = clipped_grad_sum(model, torch.zeros(0, 3, 16, 16, dtype=torch.float64), torch.zeros(0, dtype=torch.long), max_grad_norm=1.0)
+    assert norms.numel() == 0 and all((t == 0).all() for t in g.values())
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2)), "BatchNorm2d"),
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True)), "InstanceNorm2d"),
+    ],
+)
+def test_cross_sample_layers_refused(make, match):
+    with pytest.raises(InputError, match=match):
+        clipped_grad_sum(make(), torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("c", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_max_grad_norm(c):
+    with pytest.raises(InputError, match="max_grad_norm"):
+        clipped_grad_sum(tiny_wrn(), torch.zeros(2, 3, 16, 16), torch.zeros(2, dtype=torch.long), max_grad_norm=c)
+
+
+def test_batch_mismatch_refused_before_work():
+    model = tiny_wrn()
+    ran = []
+    model.register_forward_hook(lambda *a: ran.append(1))
+    with pytest.raises(InputError, match="batch dimension"):
+        clipped_grad_sum(model, torch.zeros(3, 3, 16, 16, dtype=torch.float64), torch.zeros(2, dtype=torch.long), max_grad_norm=1.0)
+    assert not ran
+
+
+def test_inplace_after_layer_refused():
+    class Inplace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 4)
+            self.fc2 = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu_(self.fc1(x)))
+
+    with pytest.raises(InputError, match="in-place"):
+        clipped_grad_sum(Inplace(), torch.randn(3, 4), torch.zeros(3, dtype=torch.long), max_grad_norm=1.0, method="layerwise")
