@@ -1,0 +1,76 @@
+"""``dprandp pretrain``: Phase I, contrastive pretraining of a prior on random-process images.
+
+Flags only build a :class:`~dprandp.pretrain.PretrainConfig` (a preset with overrides) and an image
+source, then call :func:`dprandp.pretrain.pretrain`. Prints one JSON line with the result.
+"""
+
+from __future__ import annotations
+
+import click
+
+from dprandp.errors import InputError
+
+
+@click.command("pretrain")
+@click.option("--images", "images", type=click.Path(dir_okay=False), default=None,
+              help="uint8 (N, H, W, 3) .npy image store (e.g. from `dprandp generate`).")
+@click.option("--process", default=None, help="Generate images on the fly from this random process.")
+@click.option("--num", type=click.IntRange(min=2), default=None, help="Number of images to generate (with --process).")
+@click.option("--size", type=click.IntRange(min=8), default=None, help="Generated image size in px (with --process; default: preset).")
+@click.option("--preset", "preset_name", type=click.Choice(["paper", "cpu"]), default="paper", show_default=True,
+              help="paper: SPEC.md exactly (WRN-16-4, 200 epochs); cpu: WRN-16-1 sized for a 2-core machine.")
+@click.option("--model", default=None, help="Encoder from the model registry (default: preset).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: preset; lr milestones scale with it).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Batch size (lr = 0.12 * B / 256).")
+@click.option("--hidden", type=click.IntRange(min=1), default=None, help="Projection head width (default: preset).")
+@click.option("--loss", type=click.Choice(["align-uniform", "infonce"]), default=None, help="Contrastive loss (default align-uniform).")
+@click.option("--seed", type=int, default=None, help="Seed of the initialisation, data order and augmentations (default 0).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Prior checkpoint to write (PRIOR.pt).")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out (its .state file).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out and start again.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
+def command(images, process, num, size, preset_name, model, epochs, batch_size, hidden, loss, seed, out, resume,
+            overwrite, device, threads, no_progress):
+    """Phase I: learn a prior (WRN trunk) from random-process images; costs no privacy."""
+    import sys
+
+    import torch
+
+    from dprandp.cli.options import emit_json
+    from dprandp.pretrain import open_store, pretrain, preset, process_source
+
+    if (images is None) == (process is None):
+        raise InputError("give exactly one of --images STORE.npy or --process NAME --num N")
+    if process is not None and num is None:
+        raise InputError("--process needs --num N (how many images to generate)")
+    if images is not None and (num is not None or size is not None):
+        raise InputError("--num and --size go with --process, not with --images")
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    if threads:
+        torch.set_num_threads(threads)
+    if device is not None and device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda, but no CUDA device is available")
+
+    config = preset(preset_name, model=model, epochs=epochs, batch_size=batch_size, hidden=hidden, loss=loss, seed=seed)
+    progress = False if no_progress else None
+    if images is not None:
+        source = open_store(images)
+    else:
+        source = process_source(process, num, size=size or config.image_size, seed=config.seed,
+                                progress=sys.stderr.isatty() and not no_progress)
+
+    result = pretrain(config, source, out=out, resume=resume, overwrite=overwrite, device=device,
+                      progress=progress, log=lambda msg: click.echo(msg, err=True))
+    emit_json({
+        "prior": str(result.prior_path),
+        "model": result.config.model,
+        "epochs_done": result.epochs_done,
+        "final_loss": result.epoch_losses[-1] if result.epoch_losses else None,
+        "train_seconds": round(result.train_seconds, 1),
+        "images_per_s": round(result.images_per_s, 1),
+    })

@@ -1,0 +1,100 @@
+"""Configuration of a Phase I run: one frozen dataclass and two presets.
+
+``paper`` is SPEC.md exactly (WRN-16-4, 4096-wide head, batch 256, SGD lr 0.12 per 256, momentum
+0.9, weight decay 1e-4, 200 epochs with lr x 0.1 at epochs 155/170/185, 105k StyleGAN-Oriented
+images at 64 px). ``cpu`` keeps the method and shrinks the sizes so that a 2-core machine finishes
+in under an hour while the prior still clearly beats a random encoder (see BENCHMARKS.md,
+section ``prior_quality``).
+
+The learning-rate milestones are stored as fractions of the run (155/200, 170/200, 185/200) so that
+changing ``epochs`` scales them, as the paper's schedule would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from dprandp.errors import InputError, require
+
+PAPER_MILESTONES = (155 / 200, 170 / 200, 185 / 200)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """Everything that determines a Phase I run (and hence its prior), nothing about where it is saved."""
+
+    model: str = "wrn-16-4"
+    hidden: int = 4096  # projection head width
+    out_dim: int = 128  # embedding dimension
+    head_groups: int = 16  # GroupNorm groups in the projection head
+    loss: str = "align-uniform"  # or "infonce"
+    temperature: float = 0.2  # InfoNCE only
+    batch_size: int = 256
+    lr_per_256: float = 0.12  # learning rate = lr_per_256 * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 200
+    milestones: tuple[float, ...] = PAPER_MILESTONES  # fractions of `epochs`; lr x gamma at each
+    gamma: float = 0.1
+    crop_size: int = 32  # RandomResizedCrop output size (the private data's resolution)
+    # Data: where the images come from when they are generated (ignored for --images stores).
+    process: str = "stylegan-oriented"
+    num_images: int = 105_000
+    image_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.loss in ("align-uniform", "infonce"), f"unknown loss {self.loss!r} (align-uniform or infonce)")
+        require(self.batch_size >= 2, f"batch size must be >= 2 (the loss compares samples), got {self.batch_size}")
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.num_images >= 2, f"need at least 2 images, got {self.num_images}")
+        require(self.image_size >= 8, f"image size must be >= 8 px, got {self.image_size}")
+        require(self.hidden >= 1 and self.out_dim >= 1, "head sizes must be positive")
+        require(self.hidden % self.head_groups == 0, f"{self.head_groups} groups do not divide hidden={self.hidden}")
+        require(self.lr_per_256 > 0 and self.temperature > 0, "lr and temperature must be > 0")
+        require(self.crop_size % 4 == 0, f"crop size must be a multiple of 4, got {self.crop_size}")
+        require(all(0 < m <= 1 for m in self.milestones), "milestones are fractions of the run in (0, 1]")
+
+    @property
+    def lr(self) -> float:
+        """Learning rate actually used: linear scaling with the batch size."""
+        return self.lr_per_256 * self.batch_size / 256
+
+    @property
+    def milestone_epochs(self) -> list[int]:
+        """Epochs (0-based count of finished epochs) after which the lr is multiplied by ``gamma``."""
+        return sorted({max(1, round(m * self.epochs)) for m in self.milestones})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "milestones" in d:
+            d["milestones"] = tuple(d["milestones"])
+        return cls(**d)
+
+
+PRESETS: dict[str, PretrainConfig] = {
+    "paper": PretrainConfig(),
+    # Sized on this project's 2-core CPU machines (BENCHMARKS.md, prior_quality): WRN-16-1 trains at
+    # ~20-40 images/s there; 12k images x 6 epochs, batch 128, is about 45-60 minutes shared.
+    "cpu": PretrainConfig(
+        model="wrn-16-1", hidden=512, batch_size=128, epochs=6, num_images=12_000, image_size=64,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> PretrainConfig:
+    """A preset with some fields replaced (``None`` values are ignored, so CLI flags pass through)."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return replace(PRESETS[name], **overrides)
+    except TypeError as exc:  # an unknown field name: a programming error upstream, but say it plainly
+        raise InputError(str(exc)) from None

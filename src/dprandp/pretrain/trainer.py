@@ -1,0 +1,242 @@
+"""The Phase I training loop: contrastive learning of a WRN trunk on random-process images.
+
+One step: draw a batch of image indices (a seeded permutation per epoch, last partial batch
+dropped so every step sees the same number of pairs), make two views of each image
+(:mod:`dprandp.pretrain.views`), embed both views in one forward pass (GroupNorm is per-sample, so
+concatenating the views changes nothing but the speed), compute the loss, take an SGD step. The lr
+is multiplied by ``gamma`` at the milestones after each epoch.
+
+After every epoch the prior and the full training state are written atomically; ``resume=True``
+picks the state up and produces bit-for-bit the weights an uninterrupted run would (same device and
+thread count), because the permutation and augmentation generators are part of the state.
+
+On CUDA the forward/backward runs under bf16 autocast with channels_last tensors (the loss stays
+float32); on the CPU everything is float32.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dprandp.errors import InputError, require
+from dprandp.models import ProjectionHead, create_model
+from dprandp.pretrain import checkpoint as ckpt
+from dprandp.pretrain.config import PretrainConfig
+from dprandp.pretrain.loss import align_uniform_loss, info_nce_loss
+from dprandp.pretrain.views import ViewConfig, two_views
+
+
+class ContrastiveModel(nn.Module):
+    """A WRN trunk with the Phase I projection head: images -> unit-norm embeddings."""
+
+    def __init__(self, config: PretrainConfig) -> None:
+        super().__init__()
+        wrn = create_model(config.model, seed=config.seed)
+        self.model_name = config.model
+        self.wrn_config = wrn.config
+        self.trunk = wrn.trunk
+        spatial = config.crop_size // 4
+        with torch.random.fork_rng(devices=[]):  # seeded head init without touching global state
+            torch.manual_seed(config.seed + 1)
+            self.head = ProjectionHead(
+                wrn.config.feature_dim * spatial * spatial, hidden=config.hidden, out_dim=config.out_dim,
+                groups=config.head_groups,
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def contrastive_loss(config: PretrainConfig, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    if config.loss == "infonce":
+        return info_nce_loss(z1, z2, temperature=config.temperature)
+    return align_uniform_loss(z1, z2)
+
+
+def make_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """Independent generators for the data order and the augmentations, derived from one seed."""
+    a, b = (int(s.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)) for s in np.random.SeedSequence(seed).spawn(2))
+    return torch.Generator().manual_seed(a), torch.Generator().manual_seed(b)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class PretrainResult:
+    prior_path: Path
+    config: PretrainConfig
+    epochs_done: int
+    epoch_losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0  # across resumes
+    images_per_s: float = float("nan")  # this call's throughput (images, each giving two views)
+
+
+def _config_diff(a: dict, b: dict) -> list[str]:
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def pretrain(
+    config: PretrainConfig, source, *, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+    device: torch.device | str | None = None, progress: bool | None = None, log=None,
+    stop_after_epoch: int | None = None, keep_state: bool = False,
+) -> PretrainResult:
+    """Run Phase I on ``source`` (see :mod:`dprandp.pretrain.data`) and write the prior to ``out``.
+
+    ``resume`` continues from ``out``'s training state; without it (or ``overwrite``) an existing
+    ``out`` is refused. ``stop_after_epoch`` ends the call early (a time-boxed run to be resumed
+    later). The training state is deleted when the run completes unless ``keep_state``.
+    """
+    out = Path(out)
+    state_file = ckpt.state_path(out)
+    log = log or (lambda msg: None)
+    progress = sys.stderr.isatty() if progress is None else progress
+    device = torch.device(device) if device is not None else default_device()
+    config = replace(config, num_images=len(source), image_size=source.image_size)
+    require(config.batch_size <= len(source),
+            f"batch size {config.batch_size} is larger than the {len(source)} images available")
+    if (out.exists() or state_file.exists()) and not (resume or overwrite):
+        raise InputError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite to replace it")
+
+    model = ContrastiveModel(config).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.milestone_epochs, gamma=config.gamma)
+    data_gen, aug_gen = make_generators(config.seed)
+    start_epoch, train_seconds, epoch_losses = 0, 0.0, []
+
+    if resume and state_file.exists():
+        state = ckpt.load_state(state_file)
+        ckpt.check_architecture(model.wrn_config.to_dict(), state.get("wrn_config", {}), f"checkpoint {str(state_file)!r}")
+        diff = _config_diff(config.to_dict(), state["config"])
+        require(not diff, f"checkpoint {str(state_file)!r} was made with different settings: "
+                + ", ".join(f"{k}={state['config'].get(k)!r} (now {config.to_dict().get(k)!r})" for k in diff))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        data_gen.set_state(state["data_generator"])
+        aug_gen.set_state(state["aug_generator"])
+        start_epoch, train_seconds = int(state["epoch"]), float(state["train_seconds"])
+        epoch_losses = list(state["epoch_losses"])
+        log(f"resuming {out} at epoch {start_epoch}/{config.epochs}")
+    elif resume and out.exists():
+        _, meta = ckpt.load_prior(out)
+        ckpt.check_architecture(model.wrn_config.to_dict(), meta.get("wrn_config", {}), f"prior {str(out)!r}")
+        done = int(meta.get("provenance", {}).get("epochs_done", -1))
+        require(done >= config.epochs, f"{str(out)!r} has no training state to resume from ({state_file.name} is missing)")
+        log(f"{out} is already complete ({done} epochs)")
+        return PretrainResult(out, config, done, list(meta["provenance"].get("epoch_losses", [])),
+                              float(meta["provenance"].get("train_seconds", 0.0)))
+
+    view_cfg = ViewConfig(size=config.crop_size)
+    steps = len(source) // config.batch_size
+    end_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    images_seen, t_call = 0, time.perf_counter()
+
+    from tqdm.auto import tqdm
+
+    for epoch in range(start_epoch, end_epoch):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(len(source), generator=data_gen).numpy()
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        for step in bar:
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            v1, v2 = two_views(source.batch(idx), aug_gen, view_cfg, device=device)
+            x = torch.cat([v1, v2])
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+                z = model(x)
+            z1, z2 = z.float().chunk(2)
+            loss = contrastive_loss(config, z1, z2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach().double()
+            if progress and (step % 5 == 0 or step == steps - 1):
+                rate = (step + 1) * config.batch_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
+        bar.close()
+        scheduler.step()
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        images_seen += steps * config.batch_size
+        mean_loss = float(total.item() / steps)
+        epoch_losses.append(mean_loss)
+        done = epoch + 1
+        _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, done,
+              train_seconds, epoch_losses)
+        log(f"epoch {done}/{config.epochs}: loss {mean_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.4g}, "
+            f"{steps * config.batch_size / seconds:.1f} img/s, {seconds:.0f} s")
+        if not np.isfinite(mean_loss):
+            raise InputError(f"loss became {mean_loss} at epoch {done}; lower the learning rate")
+
+    done = max(start_epoch, end_epoch)
+    if done >= config.epochs and not keep_state:
+        state_file.unlink(missing_ok=True)
+    elapsed = time.perf_counter() - t_call
+    return PretrainResult(out, config, done, epoch_losses, train_seconds,
+                          images_seen / elapsed if images_seen else float("nan"))
+
+
+def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, epoch, train_seconds, epoch_losses):
+    """Training state first, then the prior: a crash in between leaves a state that is ahead, never behind."""
+    cfg = config.to_dict()
+    wrn = model.wrn_config.to_dict()
+    ckpt.atomic_save({
+        "format": ckpt.STATE_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": _to_cpu(optimizer.state_dict()),
+        "scheduler": scheduler.state_dict(),
+        "data_generator": data_gen.get_state(),
+        "aug_generator": aug_gen.get_state(),
+        "config": cfg,
+        "wrn_config": wrn,
+        "epoch": epoch,
+        "train_seconds": train_seconds,
+        "epoch_losses": list(epoch_losses),
+    }, state_file)
+    provenance = {
+        "source": source.describe(),
+        "process": source.describe().get("process"),
+        "num_images": len(source),
+        "image_size": source.image_size,
+        "epochs": config.epochs,
+        "epochs_done": epoch,
+        "seed": config.seed,
+        "loss": config.loss,
+        "epoch_losses": list(epoch_losses),
+        "train_seconds": train_seconds,
+        "code_version": ckpt.code_version(),
+        "date": ckpt.utc_now(),
+    }
+    if provenance["process"] is None:
+        provenance["process"] = (provenance["source"].get("store_meta") or {}).get("process")
+    ckpt.atomic_save(ckpt.prior_dict(model.trunk, model_name=config.model, wrn_config=wrn,
+                                     provenance=provenance, config=cfg), out)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

@@ -1,0 +1,154 @@
+"""Phase I training: the loss goes down, priors round-trip, resume equals an uninterrupted run, bad input fails cleanly."""
+
+import numpy as np
+import pytest
+import torch
+
+from dprandp.cli.main import main
+from dprandp.errors import InputError
+from dprandp.models import create_model
+from dprandp.pretrain import ArrayStore, ContrastiveModel, PretrainConfig, apply_prior, load_prior, pretrain, two_views
+from dprandp.pretrain.checkpoint import state_path
+from dprandp.pretrain.loss import align_uniform_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The machine's 2 cores are shared: one thread avoids OpenMP stalls under contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+TINY = dict(model="wrn-10-1", hidden=32, out_dim=16, head_groups=8, batch_size=16, lr_per_256=0.5)
+
+
+def _images(n=48, size=24, seed=0):
+    """Smooth random colour blobs (low-pass noise): structured enough for views to share content."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((n, 4, 4, 3))
+    x = torch.nn.functional.interpolate(torch.tensor(coarse).permute(0, 3, 1, 2), size=size, mode="bicubic")
+    return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+
+
+def _fixed_batch_loss(model, images, seed=123):
+    v1, v2 = two_views(images, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        z1, z2 = model(torch.cat([v1, v2])).chunk(2)
+    return float(align_uniform_loss(z1, z2))
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    images = _images(32)
+    # one full-store batch per step, 12 steps, constant lr; the loss is measured on 3 fixed sets of views
+    config = PretrainConfig(**{**TINY, "lr_per_256": 0.4, "batch_size": 32}, epochs=12, milestones=(1.0,), seed=0)
+    before = np.mean([_fixed_batch_loss(ContrastiveModel(config).eval(), images, seed=s) for s in range(3)])
+    pretrain(config, ArrayStore(images), out=tmp_path / "p.pt", progress=False, keep_state=True)
+    model = ContrastiveModel(config)
+    model.load_state_dict(torch.load(state_path(tmp_path / "p.pt"), weights_only=True)["model"])
+    after = np.mean([_fixed_batch_loss(model.eval(), images, seed=s) for s in range(3)])
+    assert after < before - 0.1, (before, after)
+
+
+def test_save_load_apply_gives_identical_outputs(tmp_path):
+    config = PretrainConfig(**TINY, epochs=1, seed=1)
+    pretrain(config, ArrayStore(_images(32)), out=tmp_path / "p.pt", progress=False, keep_state=True)
+    trained = ContrastiveModel(config)
+    trained.load_state_dict(torch.load(state_path(tmp_path / "p.pt"), weights_only=True)["model"])
+    trunk, meta = load_prior(tmp_path / "p.pt")
+    assert meta["model"] == "wrn-10-1" and meta["provenance"]["epochs_done"] == 1
+    assert meta["provenance"]["num_images"] == 32 and meta["provenance"]["seed"] == 1
+    assert meta["provenance"]["code_version"] and meta["provenance"]["date"]
+    classifier = create_model("wrn-10-1", num_classes=3, seed=99)
+    lacking = apply_prior(classifier, tmp_path / "p.pt")
+    assert lacking and all(n.startswith(("final_norm.", "head.")) for n in lacking)
+    assert set(lacking) == {n for n, _ in classifier.named_parameters() if not n.startswith("trunk.")}
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(classifier.trunk(x), trained.trunk(x))
+    # the in-memory form works the same way, and a different architecture is refused
+    apply_prior(create_model("wrn-10-1", seed=5), (trunk, meta))
+    with pytest.raises(InputError, match="another architecture"):
+        apply_prior(create_model("wrn-16-1", seed=0), tmp_path / "p.pt")
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    images = ArrayStore(_images(40))
+    config = PretrainConfig(**TINY, epochs=3, seed=2)  # lr drops at epoch 2 and 3: the scheduler state matters
+    full = pretrain(config, images, out=tmp_path / "a.pt", progress=False)
+    part = pretrain(config, images, out=tmp_path / "b.pt", progress=False, stop_after_epoch=1)
+    assert part.epochs_done == 1 and state_path(tmp_path / "b.pt").exists()
+    with pytest.raises(InputError, match="already exists"):
+        pretrain(config, images, out=tmp_path / "b.pt", progress=False)
+    rest = pretrain(config, images, out=tmp_path / "b.pt", progress=False, resume=True)
+    assert rest.epochs_done == 3 and not state_path(tmp_path / "b.pt").exists()
+    a, _ = load_prior(tmp_path / "a.pt")
+    b, meta = load_prior(tmp_path / "b.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta["provenance"]["epoch_losses"] == pytest.approx(full.epoch_losses, rel=0, abs=0)
+    # resuming with another architecture or other settings is refused
+    pretrain(config, images, out=tmp_path / "c.pt", progress=False, stop_after_epoch=1)
+    other = PretrainConfig(**{**TINY, "model": "wrn-16-1"}, epochs=3, seed=2)
+    with pytest.raises(InputError, match="another architecture"):
+        pretrain(other, images, out=tmp_path / "c.pt", progress=False, resume=True)
+    with pytest.raises(InputError, match="different settings"):
+        pretrain(PretrainConfig(**TINY, epochs=3, seed=3), images, out=tmp_path / "c.pt", progress=False, resume=True)
+
+
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def _cli(capsys):
+    """Run `dprandp pretrain ...` in-process (the real entry point, exit status and streams)."""
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            main(["pretrain", "--threads", "1", "--no-progress", *args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        out, err = capsys.readouterr()
+        return _Result(code, out, err)
+
+    return run
+
+
+@pytest.mark.parametrize("kind", ["missing", "float", "3d", "pickle", "text", "small"])
+def test_cli_bad_store_is_one_line_exit_2(tmp_path, kind, _cli):
+    path = tmp_path / "store.npy"
+    if kind == "float":
+        np.save(path, np.zeros((4, 16, 16, 3), dtype=np.float32))
+    elif kind == "3d":
+        np.save(path, np.zeros((4, 16, 16), dtype=np.uint8))
+    elif kind == "pickle":
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif kind == "text":
+        path.write_text("not an array")
+    elif kind == "small":  # batch larger than the store
+        np.save(path, np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    r = _cli("--images", str(path), "--out", str(tmp_path / "p.pt"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("dprandp: error:"), r.stderr
+    assert not (tmp_path / "p.pt").exists()
+
+
+def test_cli_trains_and_refuses_overwrite_and_foreign_resume(tmp_path, _cli):
+    store = tmp_path / "s.npy"
+    np.save(store, _images(32))
+    out = tmp_path / "p.pt"
+    flags = ["--images", str(store), "--model", "wrn-10-1", "--hidden", "32", "--batch-size", "16", "--epochs", "1",
+             "--preset", "cpu", "--out", str(out)]
+    r = _cli(*flags)
+    assert r.returncode == 0, r.stderr
+    assert '"epochs_done": 1' in r.stdout and out.exists()
+    r = _cli(*flags)
+    assert r.returncode == 2 and "already exists" in r.stderr and r.stderr.count("\n") == 1
+    # a prior from another architecture is not resumable
+    r = _cli(*[f if f != "wrn-10-1" else "wrn-16-1" for f in flags], "--resume")
+    assert r.returncode == 2 and "another architecture" in r.stderr and r.stderr.count("\n") == 1
+    r = _cli("--out", str(out))
+    assert r.returncode == 2 and "exactly one of" in r.stderr
