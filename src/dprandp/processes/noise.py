@@ -1,0 +1,74 @@
+"""Noise maps of the StyleGAN random processes: 1/f^alpha random-phase noise under a Laplace envelope.
+
+The original draws alpha ~ U(0.5, 1.5), builds a random-phase spectrum with amplitude 1/|f|^alpha,
+multiplies the real image by a 4x4 Laplace(0, 1) envelope upsampled with a Lanczos filter, and
+scales to unit standard deviation; every layer then sees the map area-downsampled to its own
+resolution. We draw the map at the output size instead of 512 px (same process, fewer pixels).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+
+def _lanczos3(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    out = np.sinc(x) * np.sinc(x / 3.0)
+    return np.where(x < 3.0, out, 0.0)
+
+
+@lru_cache(maxsize=None)
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) Lanczos-3 upsampling matrix with pixel-centre alignment and edge clamping."""
+    m = np.zeros((n_out, n_in))
+    centres = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    for j, c in enumerate(centres):
+        taps = np.arange(int(np.floor(c)) - 2, int(np.floor(c)) + 4)
+        w = _lanczos3(c - taps)
+        for t, wt in zip(np.clip(taps, 0, n_in - 1), w):
+            m[j, t] += wt
+        m[j] /= m[j].sum()
+    m.setflags(write=False)
+    return m
+
+
+@lru_cache(maxsize=None)
+def _radial_frequency(size: int) -> np.ndarray:
+    """|f| on the half-spectrum grid of ``rfft2`` (size, size // 2 + 1), DC set to 1."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    r = np.sqrt(fx**2 + fy**2)
+    r[0, 0] = 1.0
+    r.setflags(write=False)
+    return r
+
+
+def pink_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One (size, size) float64 noise map with zero mean and unit std.
+
+    Amplitude 1/|f|^alpha with alpha ~ U(0.5, 1.5) and uniform random phase on the half-spectrum
+    (the real inverse FFT makes it Hermitian), times a Lanczos-upsampled 4x4 Laplace envelope."""
+    alpha = rng.uniform(0.5, 1.5)
+    amplitude = _radial_frequency(size) ** (-alpha)
+    amplitude[0, 0] = 0.0  # no DC
+    phase = rng.uniform(0.0, 2.0 * np.pi, size=amplitude.shape)
+    field = np.fft.irfft2(amplitude * np.exp(1j * phase), s=(size, size))
+    field -= field.mean()
+    envelope = rng.laplace(0.0, 1.0, size=(4, 4))
+    r = resize_matrix(4, size)
+    field *= r @ envelope @ r.T
+    std = field.std()
+    return field / std if std > 0 else field
+
+
+def area_pyramid(x: np.ndarray) -> dict[int, np.ndarray]:
+    """{res: x area-downsampled to res} for res = size, size/2, ..., 4, each level the 2x2 mean
+    of the one above (equal to ``interpolate(mode="area")`` for power-of-two factors)."""
+    levels = {x.shape[-1]: x}
+    while x.shape[-1] > 4:
+        r = x.shape[-1] // 2
+        x = x.reshape(r, 2, r, 2).mean(axis=(1, 3))
+        levels[r] = x
+    return levels
