@@ -6,6 +6,7 @@ The public API, imported lazily so that ``import dprandp`` (and the accounting C
 * models: :func:`create_model`, :func:`list_models`
 * DP-SGD engine: :class:`DPConfig`, :class:`DPSGD`, :class:`PoissonSampler`, :class:`EMA`,
   :func:`clipped_grad_sum`
+* privacy audit: :class:`AuditConfig`, :func:`run_audit`
 * errors: :class:`InputError`
 """
 
@@ -28,6 +29,8 @@ _LAZY = {
     "EMA": "dprandp.privacy",
     "PoissonSampler": "dprandp.privacy",
     "clipped_grad_sum": "dprandp.privacy",
+    "AuditConfig": "dprandp.audit.canaries",
+    "run_audit": "dprandp.audit.canaries",
     "InputError": "dprandp.errors",
 }
 
