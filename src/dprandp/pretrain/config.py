@@ -81,10 +81,11 @@ class PretrainConfig:
 
 PRESETS: dict[str, PretrainConfig] = {
     "paper": PretrainConfig(),
-    # Sized on this project's 2-core CPU machines (BENCHMARKS.md, prior_quality): WRN-16-1 trains at
-    # ~20-40 images/s there; 12k images x 6 epochs, batch 128, is about 45-60 minutes shared.
+    # Sized on this project's 2-core CPU machines (BENCHMARKS.md, prior_quality): WRN-16-1 with a
+    # 512-wide head trains at ~35-50 images/s on one thread there; 15k images x 6 epochs (90k images,
+    # 702 steps of 128) takes about 35-60 minutes, depending on what else shares the cores.
     "cpu": PretrainConfig(
-        model="wrn-16-1", hidden=512, batch_size=128, epochs=6, num_images=12_000, image_size=64,
+        model="wrn-16-1", hidden=512, batch_size=128, epochs=6, num_images=15_000, image_size=64,
     ),
 }
 
