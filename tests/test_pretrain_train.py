@@ -139,12 +139,15 @@ def test_cli_bad_store_is_one_line_exit_2(tmp_path, kind, _cli):
 def test_cli_trains_and_refuses_overwrite_and_foreign_resume(tmp_path, _cli):
     store = tmp_path / "s.npy"
     np.save(store, _images(32))
+    (tmp_path / "s.json").write_text('{"process": "blobs", "seed": 7}')  # a generator's sidecar metadata
     out = tmp_path / "p.pt"
     flags = ["--images", str(store), "--model", "wrn-10-1", "--hidden", "32", "--batch-size", "16", "--epochs", "1",
              "--preset", "cpu", "--out", str(out)]
     r = _cli(*flags)
     assert r.returncode == 0, r.stderr
     assert '"epochs_done": 1' in r.stdout and out.exists()
+    provenance = load_prior(out)[1]["provenance"]
+    assert provenance["process"] == "blobs" and provenance["process_seed"] == 7 and provenance["num_images"] == 32
     r = _cli(*flags)
     assert r.returncode == 2 and "already exists" in r.stderr and r.stderr.count("\n") == 1
     # a prior from another architecture is not resumable

@@ -212,9 +212,12 @@ def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, confi
         "train_seconds": train_seconds,
         "epoch_losses": list(epoch_losses),
     }, state_file)
+    described = source.describe()
+    store_meta = described.get("store_meta") or {}
     provenance = {
-        "source": source.describe(),
-        "process": source.describe().get("process"),
+        "source": described,
+        "process": described.get("process") or store_meta.get("process"),
+        "process_seed": described.get("seed", store_meta.get("seed")),
         "num_images": len(source),
         "image_size": source.image_size,
         "epochs": config.epochs,
@@ -226,8 +229,6 @@ def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, confi
         "code_version": ckpt.code_version(),
         "date": ckpt.utc_now(),
     }
-    if provenance["process"] is None:
-        provenance["process"] = (provenance["source"].get("store_meta") or {}).get("process")
     ckpt.atomic_save(ckpt.prior_dict(model.trunk, model_name=config.model, wrn_config=wrn,
                                      provenance=provenance, config=cfg), out)
 
