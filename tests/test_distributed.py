@@ -152,7 +152,7 @@ def test_gathered_contrastive_loss_matches_single_process_global_batch(ranks):
         unif = unif + torch.log(torch.stack(terms).mean()) / 2
     loss = (z1 - z2).pow(2).sum(1).mean() + unif
     loss.backward()
-    assert abs(align + float(unif) - loss.item()) < 1e-5
+    assert abs(align + unif.item() - loss.item()) < 1e-5
     for r in (0, 1):
         assert abs(ranks[r]["gather"]["loss"] - loss.item()) < 1e-5
         for name, p in lin.named_parameters():
@@ -231,3 +231,20 @@ def test_fork_generator_gives_distinct_reproducible_streams():
     with pytest.raises(InputError, match="divisible"):
         D.shard_batch(torch.arange(7), D.DistContext(rank=0, world_size=2, local_rank=0,
                                                      device=torch.device("cpu"), is_main=True))
+
+
+def test_only_rank_zero_writes_to_the_real_run_directory(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ledger.jsonl").write_text("{}\n")
+    main = D.DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
+    other = D.DistContext(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_main=False)
+    assert D.rank_run_dir(out, main) == out
+    scratch = D.rank_run_dir(out, other, copy=True)
+    assert scratch != out and (scratch / "ledger.jsonl").read_text() == "{}\n"
+    (scratch / "ledger.jsonl").write_text("changed")
+    assert (out / "ledger.jsonl").read_text() == "{}\n"
+    said = []
+    main.main_only(said.append)("a")
+    other.main_only(said.append)("b")
+    assert said == ["a"]

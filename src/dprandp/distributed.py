@@ -34,13 +34,17 @@ single process: :func:`init_distributed` returns rank 0 of 1 and every collectiv
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import os
 import secrets
+import shutil
+import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,6 +81,10 @@ class DistContext:
         """Call ``log(message)`` (default: print) on the main process only."""
         if self.is_main:
             (log or print)(message)
+
+    def main_only(self, fn):
+        """``fn`` on the main process, a do-nothing function elsewhere (for ``log=`` callbacks)."""
+        return fn if self.is_main and fn is not None else (lambda *args, **kwargs: None)
 
 
 def _env_int(name: str) -> int:
@@ -359,3 +367,23 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not _active():
         return tensor
     return _GatherWithGrad.apply(tensor)
+
+
+# ---------------------------------------------------------------------------------- files
+def rank_run_dir(out: str | os.PathLike, ctx: DistContext, *, copy: bool = False) -> Path:
+    """Where this rank writes: ``out`` on the main process, a private scratch directory elsewhere.
+
+    Lets a training loop written for one process run unchanged on every rank (same ledger, same
+    stopping decisions, same checkpoints) while only rank 0's files are real. ``copy=True``
+    (for resuming) first copies ``out``'s contents, which must be readable from every node. The
+    scratch directory is deleted when the process exits.
+    """
+    if ctx.is_main:
+        return Path(out)
+    scratch = Path(tempfile.mkdtemp(prefix=f"dprandp-rank{ctx.rank}-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    target = scratch / "run"
+    if copy:
+        require(Path(out).is_dir(), f"rank {ctx.rank} cannot read the run directory {out} (resuming needs it on every node)")
+        shutil.copytree(out, target)
+    return target
