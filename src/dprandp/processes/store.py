@@ -1,0 +1,144 @@
+"""Render a random process to one uint8 ``.npy`` store, incrementally and in parallel.
+
+The array (num, size, size, 3) is written through ``numpy.lib.format.open_memmap`` into a
+temporary file next to the output and renamed over it only when complete, so a reader never sees
+half a store. Images are rendered in fixed chunks of :data:`CHUNK` indices; every image depends
+only on (process, seed, index, size) and every renderer runs torch with one thread, so the bytes
+are the same for any number of workers. Everything a user can get wrong is checked by
+:func:`check_request` before any image is rendered.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dprandp.errors import InputError, require
+from dprandp.processes.registry import get_process
+
+CHUNK = 64
+HEADER_BYTES = 4096  # generous bound on the .npy header
+GRID_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    process: str
+    num: int
+    size: int
+    seed: int
+    out: Path
+    workers: int = 1
+    overwrite: bool = False
+    grid: Path | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.num * self.size * self.size * 3
+
+
+def _check_writable(path: Path, what: str, overwrite: bool) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    require(parent.is_dir(), f"{what} {path}: directory {parent} does not exist")
+    require(os.access(parent, os.W_OK | os.X_OK), f"{what} {path}: directory {parent} is not writable")
+    require(not path.is_dir(), f"{what} {path} is a directory")
+    if path.exists():
+        require(overwrite, f"{what} {path} already exists (pass --overwrite to replace it)")
+        require(os.access(path, os.W_OK), f"{what} {path} exists and is not writable")
+
+
+def check_request(req: GenerateRequest) -> None:
+    """Raise :class:`InputError` for anything that would make the run fail; renders nothing."""
+    proc = get_process(req.process)
+    require(isinstance(req.num, int) and req.num > 0, f"--num must be an integer > 0, got {req.num}")
+    proc.check_size(req.size)
+    require(isinstance(req.seed, int) and req.seed >= 0, f"--seed must be an integer >= 0, got {req.seed}")
+    require(isinstance(req.workers, int) and req.workers >= 1, f"--workers must be an integer >= 1, got {req.workers}")
+    require(req.out.suffix == ".npy", f"--out must end in .npy, got {req.out}")
+    _check_writable(req.out, "output", req.overwrite)
+    if req.grid is not None:
+        require(req.grid.suffix.lower() == ".png", f"--grid must end in .png, got {req.grid}")
+        _check_writable(req.grid, "grid", req.overwrite)
+        require(req.grid.resolve() != req.out.resolve(), "--grid and --out must be different files")
+    parent = req.out.parent if str(req.out.parent) else Path(".")
+    free = shutil.disk_usage(parent).free
+    need = req.nbytes + HEADER_BYTES
+    require(free >= need, f"not enough disk space in {parent}: the store needs {need / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB free")
+
+
+def _render_chunk(task: tuple[str, int, int, int, int]) -> tuple[int, np.ndarray]:
+    import torch
+
+    name, seed, size, start, stop = task
+    torch.set_num_threads(1)
+    return start, get_process(name).render(np.arange(start, stop), seed=seed, size=size)
+
+
+def save_grid(images: np.ndarray, path: Path, *, columns: int = 8, gap: int = 2) -> None:
+    """Save up to ``columns`` x ``columns`` images as one PNG with white gaps (atomic)."""
+    from PIL import Image
+
+    n = min(len(images), columns * columns)
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    s = images.shape[1]
+    canvas = np.full((rows * (s + gap) - gap, cols * (s + gap) - gap, 3), 255, dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        canvas[r * (s + gap) : r * (s + gap) + s, c * (s + gap) : c * (s + gap) + s] = images[k]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    Image.fromarray(canvas).save(tmp)
+    os.replace(tmp, path)
+
+
+def generate(req: GenerateRequest, *, progress: bool | None = None) -> dict:
+    """Render ``req.num`` images to ``req.out``; returns a summary (path, shape, seconds, rate)."""
+    import torch
+    from tqdm import tqdm
+
+    check_request(req)
+    tmp = req.out.with_name(f".{req.out.name}.{os.getpid()}.tmp.npy")
+    tasks = [(req.process, req.seed, req.size, a, min(a + CHUNK, req.num)) for a in range(0, req.num, CHUNK)]
+    show = sys.stderr.isatty() if progress is None else progress
+    start_time = time.perf_counter()
+    threads = torch.get_num_threads()
+    pool = None
+    try:
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(req.num, req.size, req.size, 3))
+        if req.workers > 1:
+            pool = mp.get_context("spawn").Pool(min(req.workers, len(tasks)))
+            results = pool.imap_unordered(_render_chunk, tasks)
+        else:
+            results = map(_render_chunk, tasks)
+        with tqdm(total=req.num, unit="img", desc=req.process, disable=not show) as bar:
+            for a, images in results:
+                store[a : a + len(images)] = images
+                bar.update(len(images))
+        store.flush()
+        first = np.array(store[:GRID_IMAGES])
+        del store
+        os.replace(tmp, req.out)
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if tmp.exists():
+            tmp.unlink()
+    if req.grid is not None:
+        save_grid(first, req.grid)
+    seconds = time.perf_counter() - start_time
+    return {"out": str(req.out), "shape": [req.num, req.size, req.size, 3], "process": req.process,
+            "seed": req.seed, "seconds": round(seconds, 3), "images_per_s": round(req.num / seconds, 1),
+            "grid": str(req.grid) if req.grid else None}
+
+
+__all__ = ["GenerateRequest", "InputError", "check_request", "generate", "save_grid"]
