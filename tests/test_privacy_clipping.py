@@ -242,3 +242,41 @@ def test_inplace_after_layer_refused():
 
     with pytest.raises(InputError, match="in-place"):
         clipped_grad_sum(Inplace(), torch.randn(3, 4), torch.zeros(3, dtype=torch.long), max_grad_norm=1.0, method="layerwise")
+
+
+class Convs(nn.Module):
+    """Strided, dilated, grouped and 1x1 convolutions (with and without bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, dilation=2, padding=2, groups=2)
+        self.c = nn.Conv2d(6, 4, (3, 1), padding=(1, 0), bias=False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("path", ["grouped", "unfold"])
+@pytest.mark.parametrize("views", [0, 2])
+def test_both_conv_paths_match_loop(monkeypatch, path, views):
+    from dprandp.privacy import layerwise
+
+    if path == "unfold":  # route every eligible conv through im2col + bmm
+        monkeypatch.setattr(layerwise, "_UNFOLD_MIN_FAN_IN", 0)
+        monkeypatch.setattr(layerwise, "_UNFOLD_MAX_POSITIONS", 10**9)
+    else:
+        monkeypatch.setattr(layerwise, "_UNFOLD_MIN_FAN_IN", 10**9)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(8)
+    for model in (Convs().double(), tiny_wrn()):
+        shape = (3, views, 3, 12, 12) if views else (3, 3, 12, 12)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (3,), generator=gen)
+        ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 1e9)
+        g, norms = clipped_grad_sum(model, x, y, max_grad_norm=1e9, method="layerwise")
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
+        for n in g:
+            torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)

@@ -54,9 +54,23 @@ class _Call:
     versions: tuple[int, int]
 
 
-#: Below this many output positions per sample (views x pixels), im2col + batched matmul beats
-#: the grouped convolution on CPUs (small feature maps, many channels); above, grouped wins.
-_UNFOLD_MAX_POSITIONS = 128
+#: im2col + batched matmul beats the grouped convolution on CPUs for wide layers on small maps
+#: (e.g. WRN-16-4's last stage: 256 channels at 8x8, 4x faster); the grouped call wins elsewhere.
+_UNFOLD_MIN_FAN_IN = 1024
+_UNFOLD_MAX_POSITIONS = 256
+
+
+def _im2col(a: torch.Tensor, module: nn.Conv2d, padding: list[int]) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C*kh*kw, Ho*Wo) as one strided copy (faster than F.unfold on CPUs)."""
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    a = F.pad(a, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else a.contiguous()
+    n, c, h, w = a.shape
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s0, s1, s2, s3 = a.stride()
+    windows = a.as_strided((n, c, kh, kw, ho, wo), (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3))
+    return windows.reshape(n, c * kh * kw, ho * wo)
 
 
 def _conv_weight_grouped(module, a: torch.Tensor, g: torch.Tensor, b: int, padding: list[int]) -> torch.Tensor:
@@ -78,7 +92,7 @@ def _conv_weight_grouped(module, a: torch.Tensor, g: torch.Tensor, b: int, paddi
 def _conv2d_weight_unfold(module, a: torch.Tensor, g: torch.Tensor, b: int, padding: list[int]) -> torch.Tensor:
     """Per-sample conv2d weight gradients as im2col + one batched matmul (small feature maps)."""
     w = module.weight
-    cols = F.unfold(a, w.shape[2:], dilation=module.dilation, padding=padding, stride=module.stride)  # (N, d, T)
+    cols = _im2col(a, module, padding)  # (N, d, T)
     d, t = cols.shape[1], cols.shape[2]
     cols = cols.reshape(b, -1, d, t).transpose(1, 2).reshape(b, d, -1)  # (B, d, K*T)
     gg = g.reshape(b, -1, g.shape[1], t).transpose(1, 2).reshape(b, g.shape[1], -1)  # (B, p, K*T)
@@ -96,8 +110,8 @@ def _conv(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, b: 
     w = module.weight
     grads = {}
     if w.requires_grad:
-        spatial = k * g[0, 0].numel()
-        if a.dim() == 4 and spatial <= _UNFOLD_MAX_POSITIONS and module.groups == 1:
+        positions, fan_in = k * g[0, 0].numel(), w[0].numel()
+        if a.dim() == 4 and module.groups == 1 and positions <= _UNFOLD_MAX_POSITIONS and fan_in >= _UNFOLD_MIN_FAN_IN:
             grads["weight"] = _conv2d_weight_unfold(module, a, g, b, padding)
         else:
             grads["weight"] = _conv_weight_grouped(module, a, g, b, padding)
