@@ -135,6 +135,7 @@ def init_distributed(*, backend: str | None = None, device: str | torch.device |
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        atexit.register(shutdown)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, is_main=rank == 0,
                        backend=backend)
 
