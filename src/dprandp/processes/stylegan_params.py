@@ -138,45 +138,62 @@ def latent_scale(rng: np.random.Generator) -> float:
     return float(np.sqrt((x + 0.04 * y) / W_DIM))
 
 
-def _styles(rng: np.random.Generator, n: int, w_scale: float) -> np.ndarray:
-    return 1.0 + w_scale * rng.standard_normal(n)
-
-
 def sample_params(rng: np.random.Generator, size: int, variant: Variant) -> ImageParams:
-    """Draw every random quantity of one image, in a fixed order."""
+    """Draw every random quantity of one image, in a fixed order (a few large draws rather than
+    one per layer: the per-call overhead of numpy's generator dominates at these sizes)."""
     blocks = architecture(size, variant.channel_max)
-    c4 = blocks[0].convs[0].c_in
-    const = rng.standard_normal((c4, 4, 4))
+    specs = [s for b in blocks for s in b.convs]
+    n_layers = len(specs)
+    const = rng.standard_normal((specs[0].c_in, 4, 4))
     w_scale = np.array([latent_scale(rng) for _ in range(blocks[-1].rgb_w_index + 1)])
     shared = area_pyramid(pink_noise(rng, size)) if (variant.shared_noise and variant.noise_max > 0) else None
 
-    convs, rgbs = [], []
-    for block in blocks:
-        layers = []
-        for spec in block.convs:
-            styles = _styles(rng, spec.c_in, w_scale[spec.w_index])
-            filters = weight = None
-            if variant.dense:
-                weight = rng.standard_normal((spec.c_out, spec.c_in, 3, 3))
-                gain = np.ones(spec.c_out)
-            else:
-                n = int(rng.integers(5, N_FILTERS + 1)) if variant.subset_filters else N_FILTERS
-                subset = rng.permutation(N_FILTERS)[:n]
-                filters = subset[rng.integers(0, n, size=spec.c_in)]
-                gain = rng.standard_normal(spec.c_out)
-            bias = rng.uniform(-variant.bias_range, variant.bias_range, size=spec.c_out)
-            noise = None
-            if variant.noise_max > 0:
-                strength = rng.uniform(0.0, variant.noise_max)
-                base = shared[spec.res] if shared is not None else pink_noise(rng, spec.res)
-                noise = strength * base
-            layers.append(ConvParams(styles, gain, bias, noise, filters, weight))
-        c = block.convs[-1].c_out
-        rgb_styles = _styles(rng, c, w_scale[block.rgb_w_index]) / np.sqrt(c)
-        rgbs.append(RGBParams(rgb_styles, rng.standard_normal((3, c))))
-        convs.append(layers)
-    mean = np.array([rng.normal(m, s) for m, s in COLOUR_MEAN])
-    std = np.array([rng.normal(m, s) for m, s in COLOUR_STD])
+    c_in = np.array([s.c_in for s in specs])
+    c_out = np.array([s.c_out for s in specs])
+    in_at = np.concatenate([[0], np.cumsum(c_in)])
+    out_at = np.concatenate([[0], np.cumsum(c_out)])
+    z_styles = rng.standard_normal(in_at[-1])
+    biases = rng.uniform(-variant.bias_range, variant.bias_range, size=out_at[-1])
+    strengths = rng.uniform(0.0, variant.noise_max, size=n_layers)
+    if variant.dense:
+        weights = [rng.standard_normal((s.c_out, s.c_in, 3, 3)) for s in specs]
+    else:
+        gains = rng.standard_normal(out_at[-1])
+        if variant.subset_filters:
+            n_sub = rng.integers(5, N_FILTERS + 1, size=n_layers)
+        else:
+            n_sub = np.full(n_layers, N_FILTERS)
+        subsets = np.argsort(rng.random((n_layers, N_FILTERS)), axis=1)  # a uniform permutation per layer
+        picks = rng.random(in_at[-1])  # input channel i takes subset[floor(pick_i * n)]
+
+    layers = []
+    for li, spec in enumerate(specs):
+        sl_in, sl_out = slice(in_at[li], in_at[li + 1]), slice(out_at[li], out_at[li + 1])
+        styles = 1.0 + w_scale[spec.w_index] * z_styles[sl_in]
+        if variant.dense:
+            filters, weight, gain = None, weights[li], np.ones(spec.c_out)
+        else:
+            filters = subsets[li][np.floor(picks[sl_in] * n_sub[li]).astype(np.int64)]
+            weight, gain = None, gains[sl_out]
+        noise = None
+        if variant.noise_max > 0:
+            base = shared[spec.res] if shared is not None else pink_noise(rng, spec.res)
+            noise = strengths[li] * base
+        layers.append(ConvParams(styles, gain, biases[sl_out], noise, filters, weight))
+
+    c_rgb = np.array([b.convs[-1].c_out for b in blocks])
+    rgb_at = np.concatenate([[0], np.cumsum(c_rgb)])
+    z_rgb = rng.standard_normal(rgb_at[-1])
+    w_rgb = rng.standard_normal((3, rgb_at[-1]))
+    convs, rgbs, li = [], [], 0
+    for bi, block in enumerate(blocks):
+        convs.append(layers[li : li + len(block.convs)])
+        li += len(block.convs)
+        sl = slice(rgb_at[bi], rgb_at[bi + 1])
+        c = c_rgb[bi]
+        rgbs.append(RGBParams((1.0 + w_scale[block.rgb_w_index] * z_rgb[sl]) / np.sqrt(c), w_rgb[:, sl]))
+    mean = rng.normal([m for m, _ in COLOUR_MEAN], [s for _, s in COLOUR_MEAN])
+    std = rng.normal([m for m, _ in COLOUR_STD], [s for _, s in COLOUR_STD])
     return ImageParams(size, variant, const, convs, rgbs, mean, std)
 
 
