@@ -7,6 +7,7 @@ The public API, imported lazily so that ``import dprandp`` (and the accounting C
 * DP-SGD engine: :class:`DPConfig`, :class:`DPSGD`, :class:`PoissonSampler`, :class:`EMA`,
   :func:`clipped_grad_sum`
 * privacy audit: :class:`AuditConfig`, :func:`run_audit`
+* Phase I: :class:`PretrainConfig`, :func:`pretrain`, :func:`load_prior`, :func:`apply_prior`
 * errors: :class:`InputError`
 """
 
@@ -31,6 +32,10 @@ _LAZY = {
     "clipped_grad_sum": "dprandp.privacy",
     "AuditConfig": "dprandp.audit.canaries",
     "run_audit": "dprandp.audit.canaries",
+    "PretrainConfig": "dprandp.pretrain",
+    "pretrain": "dprandp.pretrain",
+    "load_prior": "dprandp.pretrain",
+    "apply_prior": "dprandp.pretrain",
     "InputError": "dprandp.errors",
 }
 
