@@ -56,7 +56,8 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but no CUDA device is available")
 
-    config = preset(preset_name, model=model, epochs=epochs, batch_size=batch_size, hidden=hidden, loss=loss, seed=seed)
+    config = preset(preset_name, model=model, epochs=epochs, batch_size=batch_size, hidden=hidden, loss=loss, seed=seed,
+                    process=process)
     progress = False if no_progress else None
     if images is not None:
         source = open_store(images)
