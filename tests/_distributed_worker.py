@@ -40,13 +40,14 @@ def dp_run(spec: dict, ctx: D.DistContext, *, sigma: float, zero_loss: bool, noi
     loss_fn = (lambda logits, t: logits.sum(1) * 0.0) if zero_loss else None
     opt = torch.optim.SGD(model.parameters(), lr=spec["lr"])
     engine = DPSGD(model, opt, config=cfg, noise_generator=noise, all_reduce=ctx.all_reduce, loss_fn=loss_fn)
-    batches, sizes = [], []
+    batches, sizes, states = [], [], [before]
     for _ in range(spec["steps"]):
         idx = sampler.sample()
         batches.append(idx)
         stats = engine.step_from_indices(idx, lambda i: (x[i], y[i]))
         sizes.append(stats.batch_size)
-    return {"before": before, "after": {k: v.clone() for k, v in model.state_dict().items()},
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return {"before": before, "after": states[-1], "states": states,
             "batches": batches, "reduced_sizes": sizes, "divergence": D.max_divergence(model)}
 
 
