@@ -155,3 +155,20 @@ def test_cli_trains_and_refuses_overwrite_and_foreign_resume(tmp_path, _cli):
     assert r.returncode == 2 and "another architecture" in r.stderr and r.stderr.count("\n") == 1
     r = _cli("--out", str(out))
     assert r.returncode == 2 and "exactly one of" in r.stderr
+
+
+def test_cli_process_on_the_fly_and_unknown_process(tmp_path, _cli):
+    processes = pytest.importorskip("dprandp.processes")
+    if not hasattr(processes, "list_processes"):
+        pytest.skip("random-process generators not available")
+    out = tmp_path / "p.pt"
+    r = _cli("--process", "stylegan-oriented", "--num", "32", "--size", "32", "--model", "wrn-10-1", "--hidden", "32",
+             "--batch-size", "16", "--epochs", "1", "--preset", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    provenance = load_prior(out)[1]["provenance"]
+    assert provenance["process"] == "stylegan-oriented" and provenance["num_images"] == 32
+    assert provenance["image_size"] == 32 and provenance["process_seed"] == 0
+    r = _cli("--process", "no-such-noise", "--num", "32", "--out", str(tmp_path / "q.pt"))
+    assert r.returncode == 2 and "unknown process" in r.stderr and r.stderr.count("\n") == 1
+    r = _cli("--process", "stylegan-oriented", "--out", str(tmp_path / "q.pt"))
+    assert r.returncode == 2 and "--num" in r.stderr
