@@ -111,9 +111,9 @@ def init_distributed(*, backend: str | None = None, device: str | torch.device |
     again returns the context of the group already joined.
     """
     require(backend is None or backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if dist.is_available() and dist.is_initialized():
+        return _context_from_group(device)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        if dist.is_available() and dist.is_initialized():
-            return _context_from_group()
         dev = _default_device(device if backend != "gloo" else "cpu")
         return DistContext(rank=0, world_size=1, local_rank=0, device=dev, is_main=True, backend=None)
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
@@ -131,20 +131,24 @@ def init_distributed(*, backend: str | None = None, device: str | torch.device |
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device) if device is not None else torch.device("cpu")
-    if not dist.is_initialized():
-        kwargs = {"device_id": dev} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-        atexit.register(shutdown)
+    kwargs = {"device_id": dev} if backend == "nccl" else {}
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    atexit.register(shutdown)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, is_main=rank == 0,
                        backend=backend)
 
 
-def _context_from_group() -> DistContext:
+def _context_from_group(device=None) -> DistContext:
+    """The group joined earlier (e.g. by `pretrain` before `train` in `dprandp run`); ``device``
+    only says where this caller computes (collectives move tensors where the backend needs them)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     backend = str(dist.get_backend())
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, is_main=rank == 0,
                        backend=backend)
 
