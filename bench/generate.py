@@ -92,7 +92,9 @@ def store_run(n: int, workers: int) -> tuple[str, float]:
     rate, steady = summary["images_per_s"], summary["steady_images_per_s"]
     line = (f"`dprandp generate --num {n} --size 64 --workers {workers}`: {summary['seconds']:.1f} s in all "
             f"({rate:.0f} img/s), first chunk after {summary['first_chunk_s']:.1f} s (start-up), then "
-            f"**{steady:.0f} img/s** -> 105,000 images in ~{PHASE1_IMAGES / steady / 60:.1f} min")
+            f"**{steady:.0f} img/s** -> 105,000 images in ~{PHASE1_IMAGES / steady / 60:.1f} min; "
+            f"CPU {summary['cpu_ms_per_image']:.1f} ms/img over all processes -> "
+            f"~{PHASE1_IMAGES * summary['cpu_ms_per_image'] / 1e3 / 2 / 60:.1f} min on 2 free cores")
     print(line, flush=True)
     return line, steady
 

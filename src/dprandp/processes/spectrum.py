@@ -76,16 +76,18 @@ def spectrum(rng: np.random.Generator, size: int) -> np.ndarray:
 def spectrum_colour(rng: np.random.Generator, size: int) -> np.ndarray:
     basis, mean, target = palette(rng, size)
     amp = spectrum(rng, size)
-    x = 256.0 * rng.uniform(size=(3, size, size))
+    x = 256.0 * rng.uniform(size=(3, size * size))
+    rows = np.arange(3)[:, None]
     for _ in range(N_ITER):
-        for c in range(3):
-            m, s = x[c].mean(), x[c].std()
-            f = np.fft.fft2(x[c] - m)
-            y = np.fft.ifft2(amp * np.exp(1j * np.angle(f))).real
-            y = (y - y.mean()) / max(y.std(), 1e-12) * s + m
-            ranks = np.argsort(np.argsort(y, axis=None, kind="stable"), kind="stable")
-            x[c] = target[c][ranks].reshape(size, size)
-    rgb = basis.T @ x.reshape(3, -1) + mean[:, None]
+        m, s = x.mean(axis=1, keepdims=True), x.std(axis=1, keepdims=True)
+        f = np.fft.fft2((x - m).reshape(3, size, size))
+        y = np.fft.ifft2(amp * np.exp(1j * np.angle(f))).real.reshape(3, -1)
+        y = (y - y.mean(axis=1, keepdims=True)) / np.maximum(y.std(axis=1, keepdims=True), 1e-12) * s + m
+        # histogram matching by rank: the k-th smallest value becomes the palette's k-th smallest
+        order = np.argsort(y, axis=1, kind="stable")
+        x = np.empty_like(y)
+        x[rows, order] = target
+    rgb = basis.T @ x + mean[:, None]
     rgb = rgb - rgb.min()
     rgb = rgb / max(rgb.max(), 1e-12) * 255.0
     return rgb.reshape(3, size, size).transpose(1, 2, 0).astype(np.uint8)

@@ -74,12 +74,15 @@ def check_request(req: GenerateRequest) -> None:
                           f"{free / 1e9:.2f} GB free")
 
 
-def _render_chunk(task: tuple[str, int, int, int, int]) -> tuple[int, np.ndarray]:
+def _render_chunk(task: tuple[str, int, int, int, int]) -> tuple[int, np.ndarray, float]:
+    """Render one chunk with one torch thread; returns (start, images, CPU seconds spent)."""
     import torch
 
+    cpu = time.process_time()
     name, seed, size, start, stop = task
     torch.set_num_threads(1)
-    return start, get_process(name).render(np.arange(start, stop), seed=seed, size=size)
+    images = get_process(name).render(np.arange(start, stop), seed=seed, size=size)
+    return start, images, time.process_time() - cpu
 
 
 def save_grid(images: np.ndarray, path: Path, *, columns: int = 8, gap: int = 2) -> None:
@@ -109,6 +112,8 @@ def generate(req: GenerateRequest, *, progress: bool | None = None) -> dict:
     tasks = [(req.process, req.seed, req.size, a, min(a + CHUNK, req.num)) for a in range(0, req.num, CHUNK)]
     show = sys.stderr.isatty() if progress is None else progress
     start_time = time.perf_counter()
+    parent_cpu = time.process_time()
+    worker_cpu = 0.0
     threads = torch.get_num_threads()
     pool = None
     try:
@@ -122,8 +127,9 @@ def generate(req: GenerateRequest, *, progress: bool | None = None) -> dict:
             results = map(_render_chunk, tasks)
         first_at = None
         with tqdm(total=req.num, unit="img", desc=req.process, disable=not show) as bar:
-            for a, images in results:
+            for a, images, cpu in results:
                 store[a : a + len(images)] = images
+                worker_cpu += cpu if req.workers > 1 else 0.0
                 bar.update(len(images))
                 if first_at is None:
                     first_at = time.perf_counter() - start_time
@@ -141,12 +147,14 @@ def generate(req: GenerateRequest, *, progress: bool | None = None) -> dict:
     if req.grid is not None:
         save_grid(first[:GRID_IMAGES], req.grid)
     seconds = time.perf_counter() - start_time
+    cpu_s = worker_cpu + time.process_time() - parent_cpu  # rendering + writing, all processes
     # after the first chunk arrives the workers are up: the rate from there on is what a long run sees
     rest = req.num - min(req.workers, len(tasks)) * CHUNK  # every worker's first chunk counts as start-up
     steady = rest / (seconds - first_at) if rest > 0 and seconds > first_at else req.num / seconds
     return {"out": str(req.out), "shape": [req.num, req.size, req.size, 3], "process": req.process,
             "seed": req.seed, "seconds": round(seconds, 3), "images_per_s": round(req.num / seconds, 1),
             "first_chunk_s": round(first_at, 3), "steady_images_per_s": round(steady, 1),
+            "cpu_ms_per_image": round(1e3 * cpu_s / req.num, 2),
             "grid": str(req.grid) if req.grid else None}
 
 

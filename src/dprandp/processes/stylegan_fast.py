@@ -17,9 +17,11 @@ delta_o ~ eps / (2 g_o^2 S), so the trick alone is not exact. Channels with delt
 others the relative error of a channel is below 1e-6, under float32 accumulation error. So the
 fast path computes the same function as the reference to float32 rounding (tests: rel. err. 1e-6).
 
-Determinism. Per-image tables are built in numpy per image; the batched torch part uses only
-elementwise ops (no fused multiply-add, no matmul, no reductions), binary search and gathers,
-so an image's bytes never depend on which other images share its batch.
+Determinism. The tables are built for a batch, but every operation acts on one image's row on
+its own (elementwise float64 ops, per-row sorts, sequential per-row cumulative sums, per-image
+einsum for the first layer); the per-pixel torch part uses only elementwise ops (no fused
+multiply-add, no matmul, no reductions), binary search and gathers. So an image's bytes never
+depend on which other images share its batch (tested with batches of 1, 5, 32 and 64).
 """
 
 from __future__ import annotations
