@@ -246,6 +246,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
         views = random_crop_flip(to_float(x_train[idx]), augmult=config.augmult, generator=gens["augment"])
         return views, y_train[idx]
 
+    ledger.set_plan(plan.phases(config))
     phase, optimizer, engine, lr = None, None, None, None
     stopped = None
     bar = tqdm(total=config.steps, initial=start, desc="DP-SGD", unit="step", disable=not progress,
@@ -259,8 +260,8 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
                 optimizer.load_state_dict(optimizer_state)
                 optimizer_state = None
             engine = DPSGD(model, optimizer, config=dp_config, noise_generator=gens["noise"], loss_fn=meter)
-        eps_next = ledger.epsilon_after_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier)
-        if not (math.isfinite(eps_next) and eps_next <= config.target_epsilon):
+        if not ledger.allows_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier):
+            eps_next = ledger.epsilon_after_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier)
             stopped = (f"stopped after {t} of {config.steps} steps: one more step would spend epsilon = "
                        f"{eps_next:.4f} > target {config.target_epsilon:g} (the ledger counts "
                        f"{ledger.steps} steps, including steps lost in a crash)")
@@ -279,7 +280,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
         require(not (math.isfinite(stats.grad_norm) and not math.isfinite(loss)),
                 f"loss became {loss} at step {step_no}; lower the learning rate")
         rec = {"kind": "step", "step": step_no, "phase": phase, "loss": loss, "train_accuracy": meter.take(),
-               "lr": lr, "epsilon": ledger.epsilon(), "batch_size": stats.batch_size,
+               "lr": lr, "epsilon": ledger.epsilon_upper_bound(), "batch_size": stats.batch_size,
                "grad_norm": stats.grad_norm, "clipped_fraction": stats.clipped_fraction,
                "seconds": stats.seconds}
         metrics.append(_clean(rec))

@@ -1,0 +1,33 @@
+"""``dprandp evaluate``: accuracy of a trained model (RUN_DIR/model.pt) on a dataset split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dprandp.cli.options import emit_json
+from dprandp.data import DATASETS
+
+
+@click.command("evaluate")
+@click.option("--model", "model_path", type=str, required=True, help="model file (RUN_DIR/model.pt) or a run directory")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), required=True, help="dataset to score on")
+@click.option("--data", type=str, default=None, help="dataset path (as for `dprandp train`)")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def command(model_path: str, dataset: str, data: str | None, split: str, as_json: bool) -> None:
+    """Top-1 accuracy of a saved model (no privacy cost on public test data; on private data,
+    releasing the number itself is not covered by the training guarantee)."""
+    from dprandp.data import load_dataset
+    from dprandp.pipeline import evaluate
+
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / "model.pt"
+    ds = load_dataset(dataset, data)
+    out = evaluate(path, ds, split=split)
+    if as_json:
+        emit_json(out)
+    else:
+        click.echo(f"accuracy {100 * out['accuracy']:.2f} % on {out['dataset']} {split} (n = {out['num_examples']})")

@@ -1,0 +1,153 @@
+"""Phases II + III end to end on tiny data: the summary against the ledger, the run directory,
+linear probing leaves the trunk untouched, evaluate agrees, presets follow SPEC.md."""
+
+import base64
+import json
+import re
+
+import pytest
+import torch
+from pipeline_helpers import make_prior, tiny_npz
+
+from dprandp.accounting import DPPhase, compute_epsilon
+from dprandp.errors import InputError
+from dprandp.pipeline import evaluate, load_model, preset, train
+from dprandp.pipeline.config import PAPER_PHASE2_SHARE
+
+torch.set_num_threads(1)
+
+
+def tiny_config(data, prior, **kw):
+    base = dict(dataset="npz", data=data, model="wrn-10-1", prior=prior, batch_size=16, augmult=2,
+                physical_batch_size=16, steps=6, phase2_steps=2, target_epsilon=8.0, checkpoint_every=3,
+                eval_every=3, lr_phase2=2.0, lr_phase3=0.5)
+    base.update(kw)
+    return preset("demo", **base)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    data, prior = tiny_npz(d / "tiny.npz"), make_prior(d / "prior.pt")
+    result = train(tiny_config(data, prior), out=d / "run", progress=False)
+    return d, result
+
+
+def ledger_steps(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["kind"] == "step"]
+
+
+def test_summary_epsilon_is_the_accountants_epsilon_of_the_ledger(finished):
+    d, result = finished
+    run = d / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    steps = ledger_steps(run)
+    assert len(steps) == summary["steps"] == 6
+    assert [s["phase"] for s in steps] == ["II", "II", "III", "III", "III", "III"]
+    # independent reference: q = B / N from the config, one sigma, 6 Poisson-Gaussian steps
+    assert {s["sample_rate"] for s in steps} == {16 / 64} and summary["sample_rate"] == 16 / 64
+    sigma = {s["noise_multiplier"] for s in steps}
+    assert sigma == {summary["noise_multiplier"]}
+    ref = compute_epsilon([DPPhase(sample_rate=0.25, noise_multiplier=sigma.pop(), steps=6)], target_delta=1e-5)
+    assert summary["epsilon"] == pytest.approx(ref, rel=1e-9)
+    assert summary["epsilon"] <= summary["target_epsilon"] == 8.0
+    assert summary["epsilon"] > 0.95 * 8.0  # sigma was calibrated to use the budget
+    for key in ("test_accuracy", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "num_train",
+                "dataset", "prior", "wall_time_s", "code_version", "deterministic_noise"):
+        assert key in summary
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["num_train"] == 64
+    assert summary["deterministic_noise"] is False and summary["delta"] == 1e-5
+
+
+def test_run_directory_contents(finished):
+    d, result = finished
+    run = d / "run"
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "ledger.jsonl", "model.pt", "summary.json", "report.html",
+            "accuracy.png", "epsilon.png"} <= names
+    assert "checkpoint.pt" not in names and not any(n.endswith(".tmp") for n in names)
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    per_step = [m for m in metrics if m["kind"] == "step"]
+    assert [m["step"] for m in per_step] == list(range(1, 7))
+    for m in per_step:
+        assert {"phase", "loss", "train_accuracy", "lr", "epsilon"} <= m.keys()
+    assert [m["lr"] for m in per_step] == [2.0, 2.0, 0.5, 0.5, 0.5, 0.5]
+    eps = [m["epsilon"] for m in per_step]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(result.epsilon, rel=0.01)
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    assert evals[-1]["step"] == 6 and evals[-1]["test_accuracy"] == result.test_accuracy
+    html = (run / "report.html").read_text()
+    assert not re.search(r'src="(?!data:)', html)  # self-contained: every image inlined
+    png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["batch_size"] == 16 and cfg["derived"]["num_train"] == 64
+
+
+def test_evaluate_reproduces_the_reported_accuracy(finished):
+    from dprandp.data import load_dataset
+
+    d, result = finished
+    data = load_dataset("npz", str(d / "tiny.npz"))
+    out = evaluate(d / "run" / "model.pt", data)
+    assert out["accuracy"] == result.test_accuracy
+    model, meta = load_model(d / "run" / "model.pt")
+    assert meta["num_classes"] == 4 and meta["model"] == "wrn-10-1"
+
+
+def test_linear_probing_only_leaves_the_trunk_equal_to_the_prior(tmp_path):
+    data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
+    cfg = tiny_config(data, prior, steps=3, phase2_steps=3, eval_every=0, ema=False)
+    assert cfg.phase3_steps == 0
+    train(cfg, out=tmp_path / "run", progress=False)
+    model, _ = load_model(tmp_path / "run" / "model.pt")
+    from dprandp.pretrain import load_prior
+
+    trunk, _ = load_prior(prior)
+    for k, v in trunk.items():
+        assert torch.equal(model.trunk.state_dict()[k], v), k
+    head_before = torch.load(prior, weights_only=True)  # the head was trained: it must differ from init
+    assert head_before is not None
+    assert {s["phase"] for s in ledger_steps(tmp_path / "run")} == {"II"}
+
+
+def test_without_prior_every_step_trains_everything(tmp_path):
+    data = tiny_npz(tmp_path / "t.npz")
+    cfg = preset("demo", dataset="npz", data=data, model="wrn-10-1", prior=None, batch_size=16, augmult=1,
+                 physical_batch_size=16, steps=2, eval_every=0, target_epsilon=8.0)
+    assert cfg.phase2_steps == 0
+    result = train(cfg, out=tmp_path / "run", progress=False)
+    assert {s["phase"] for s in ledger_steps(tmp_path / "run")} == {"III"}
+    assert result.summary["prior"] is None and result.summary["phase2_steps_done"] == 0
+
+
+def test_delta_must_be_below_one_over_n(tmp_path):
+    data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
+    with pytest.raises(InputError, match="N = 64"):
+        train(tiny_config(data, prior, target_delta=1 / 64), out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_paper_preset_is_spec():
+    c = preset("paper", prior="prior.pt")
+    assert (c.model, c.batch_size, c.augmult, c.steps, c.phase2_steps, c.phase3_steps) == (
+        "wrn-16-4", 4096, 16, 875, 96, 779)
+    assert (c.lr_phase2, c.lr_phase3, c.momentum, c.max_grad_norm, c.ema) == (15.0, 0.4, 0.0, 1.0, True)
+    assert (c.target_epsilon, c.target_delta, c.dataset) == (1.0, 1e-5, "cifar10")
+    assert PAPER_PHASE2_SHARE * 875 == pytest.approx(96)
+    # share flag and explicit phase steps
+    assert preset("paper", prior="p", steps=1000).phase2_steps == round(1000 * 96 / 875)
+    assert preset("paper", prior="p", phase2_share=0.5).phase2_steps == 438
+    assert preset("paper", prior="p", phase3_steps=0).steps == 96
+    assert preset("paper", prior=None).phase2_steps == 0
+
+
+def test_paper_sigma_matches_spec():
+    """q = 4096 / 50000, 875 steps, epsilon 1: SPEC.md gives sigma ~ 9.19 (PRV); PLD within 1 %."""
+    from dprandp.pipeline import make_plan
+
+    plan = make_plan(preset("paper", prior="p"), 50_000)
+    assert plan.sample_rate == 4096 / 50_000
+    assert plan.noise_multiplier == pytest.approx(9.19, rel=0.01)
+    assert plan.planned_epsilon <= 1.0
