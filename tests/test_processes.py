@@ -129,6 +129,20 @@ def test_fast_equals_full_width_reference(name, size, seed):
     assert same.mean() > 0.999  # uint8 truncation may flip a rare value at a boundary
 
 
+def test_fast_equals_reference_when_channels_shrink(monkeypatch):
+    """At 128 px and above a block has fewer channels than the one before (256, 128, ...); a
+    smaller channel base makes that happen at 16 px: 64 -> 32 -> 16 channels."""
+    from dprandp.processes import stylegan_params
+
+    monkeypatch.setattr(stylegan_params, "CHANNEL_BASE", 256)
+    assert [b.convs[-1].c_out for b in stylegan_params.architecture(16)] == [64, 32, 16]
+    p = get_process("stylegan-oriented")
+    for seed in (0, 1):
+        fast = p.network_output([0, 1], seed=seed, size=16)
+        ref = p.network_output([0, 1], seed=seed, size=16, reference=True)
+        assert max(rel_err(f, r) for f, r in zip(fast, ref)) <= 1e-4
+
+
 def test_demodulation_epsilon_is_handled_exactly(monkeypatch):
     """Channels with tiny |g_o| feel the 1e-8 epsilon; the fast path must materialise them."""
     p = get_process("stylegan-oriented")
