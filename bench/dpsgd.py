@@ -1,7 +1,10 @@
 """DP-SGD step throughput and memory: non-private vs this engine vs Opacus, side by side.
 
-Every (model, K, method) configuration runs in its own subprocess (so peak RSS is its own), all
-with the same model, images per step, threads and inputs. Methods:
+One subprocess per (model, K) builds every method on the same model initialisation, images,
+threads and inputs, then times their steps *interleaved* round by round (the machine is shared;
+interleaving keeps the ratios honest when the load drifts) and reports the best and median step.
+Peak memory: each method runs two steps in a process forked before any warm-up, and reports its
+max RSS growth. Methods:
 
 * ``nonprivate``: forward + backward of the mean loss over the same images + SGD step;
 * ``engine``: one :class:`dprandp.privacy.DPSGD` step (layer-wise per-sample gradients, K views
@@ -11,9 +14,9 @@ with the same model, images per step, threads and inputs. Methods:
   views per sample, then clipped, summed, noised and applied (the reference code's recipe);
 * ``*-phase2``: the trunk frozen (only final norm + head trainable), as in Phase II.
 
-Usage: ``python bench/dpsgd.py [--threads 1] [--images 64] [--steps 3]`` (about 10 min on 2 cores).
+Usage: ``python bench/dpsgd.py [--threads 1] [--images 64] [--rounds 3]`` (about 10 min on 2 cores).
 ``img/s`` counts images (views) through the network; ``samples/s`` counts private samples.
-Peak memory: (max RSS during the steps - RSS before) / samples per physical batch.
+Memory per sample: (max RSS of the forked process - RSS at the fork) / samples per step.
 """
 
 from __future__ import annotations
@@ -40,17 +43,17 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def run_child(spec: dict) -> dict:
+def _make_step(method: str, spec: dict):
+    """Build a fresh model and the step function of ``method``; returns (step, samples)."""
     import torch
     from torch.nn import functional as F
 
     from dprandp.models import create_model
     from dprandp.privacy import DPSGD, DPConfig
 
-    torch.set_num_threads(spec["threads"])
-    model_name, k, images, method = spec["model"], spec["augmult"], spec["images"], spec["method"]
+    k, images = spec["augmult"], spec["images"]
     samples = max(1, images // k)
-    model = create_model(model_name, num_classes=10, seed=0)
+    model = create_model(spec["model"], num_classes=10, seed=0)
     if method.endswith("phase2"):
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(model.PRIOR_LACKS))
@@ -59,11 +62,11 @@ def run_child(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(samples, k, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (samples,), generator=gen)
+    flat, yy = x.reshape(-1, 3, 32, 32), y.repeat_interleave(k)
     cfg = DPConfig(sample_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=samples, augmult=k,
                    physical_batch_size=samples)
 
     if method.startswith("nonprivate"):
-        flat, yy = x.reshape(-1, 3, 32, 32), y.repeat_interleave(k)
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -81,7 +84,6 @@ def run_child(spec: dict) -> dict:
         from opacus import GradSampleModule
 
         gsm = GradSampleModule(model, loss_reduction="sum")
-        flat, yy = x.reshape(-1, 3, 32, 32), y.repeat_interleave(k)
         noise_gen = torch.Generator().manual_seed(1)
 
         def step():
@@ -99,19 +101,62 @@ def run_child(spec: dict) -> dict:
             opt.step()
     else:
         raise SystemExit(f"unknown method {method}")
+    return step, samples
 
-    for _ in range(spec["warmup"]):
-        step()
-    base = _rss_mb()
-    times = []
-    for _ in range(spec["steps"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t = statistics.median(times)
-    return {**spec, "samples": samples, "seconds": t, "img_per_s": samples * k / t, "samples_per_s": samples / t,
-            "mem_mb_per_sample": max(0.0, peak - base) / samples, "peak_rss_mb": peak, "times": times}
+
+def _peak_mb_per_sample(method: str, spec: dict) -> float:
+    """Two steps of ``method`` in a forked process: its max RSS growth per sample (MB)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: build, run, report, leave without running any atexit handler
+        try:
+            os.close(read)
+            base = _rss_mb()
+            step, samples = _make_step(method, spec)
+            step()
+            step()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            os.write(write, json.dumps((peak - base) / samples).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(text) if text else float("nan")
+
+
+def run_child(spec: dict) -> list[dict]:
+    import random
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    methods = spec["methods"]
+    memory = {m: _peak_mb_per_sample(m, spec) for m in methods}
+    steps = {}
+    for m in methods:
+        steps[m], samples = _make_step(m, spec)
+        for _ in range(spec["warmup"]):
+            steps[m]()
+    times = {m: [] for m in methods}
+    order = list(methods)
+    rng = random.Random(0)
+    for _ in range(spec["rounds"]):
+        rng.shuffle(order)
+        for m in order:
+            t0 = time.perf_counter()
+            steps[m]()
+            times[m].append(time.perf_counter() - t0)
+    out = []
+    k = spec["augmult"]
+    for m in methods:
+        samples = max(1, spec["images"] // k)
+        best, med = min(times[m]), statistics.median(times[m])
+        out.append({"model": spec["model"], "augmult": k, "method": m, "samples": samples, "seconds": best,
+                    "median_seconds": med, "img_per_s": samples * k / best, "samples_per_s": samples / best,
+                    "mem_mb_per_sample": memory[m], "times": times[m]})
+    return out
 
 
 def run_all(args) -> list[dict]:
@@ -119,28 +164,29 @@ def run_all(args) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT / "src"))
     for model in args.models:
         for k in args.augmults:
-            for method in args.methods:
-                steps = args.steps if model != "wrn-16-1" else args.steps * 2
-                spec = dict(model=model, augmult=k, images=args.images, method=method, threads=args.threads,
-                            warmup=args.warmup, steps=steps)
-                t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                      text=True, env=env)
-                if proc.returncode != 0:
-                    print(f"{model} K={k} {method}: FAILED\n{proc.stderr[-2000:]}", flush=True)
-                    continue
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
+            rounds = args.rounds if model != "wrn-16-1" else args.rounds * 2
+            spec = dict(model=model, augmult=k, images=args.images, methods=args.methods, threads=args.threads,
+                        warmup=args.warmup, rounds=rounds)
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                  text=True, env=env)
+            if proc.returncode != 0:
+                print(f"{model} K={k}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            for res in json.loads(proc.stdout.strip().splitlines()[-1]):
                 results.append(res)
-                print(f"{model:9s} K={k:<2d} {method:18s} {res['img_per_s']:7.1f} img/s {res['samples_per_s']:7.2f} samples/s "
-                      f"{res['mem_mb_per_sample']:7.1f} MB/sample  ({time.perf_counter() - t0:.0f}s wall)", flush=True)
+                print(f"{model:9s} K={k:<2d} {res['method']:18s} {res['img_per_s']:7.1f} img/s "
+                      f"{res['samples_per_s']:7.2f} samples/s  median {res['median_seconds']:.2f}s  "
+                      f"{res['mem_mb_per_sample']:7.1f} MB/sample", flush=True)
+            print(f"  ({time.perf_counter() - t0:.0f}s wall)", flush=True)
     return results
 
 
 def table(results: list[dict]) -> str:
     by = {(r["model"], r["augmult"], r["method"]): r for r in results}
     lines = [
-        "| model | K | method | img/s | samples/s | time / non-private | engine speed-up vs this | MB / sample |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | K | method | img/s | samples/s | median step (s) | time / non-private | engine speed-up vs this | MB / sample |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (model, k, method), r in by.items():
         phase2 = method.endswith("phase2")
@@ -148,7 +194,7 @@ def table(results: list[dict]) -> str:
         eng = by.get((model, k, "engine-phase2" if phase2 else "engine"))
         ratio = f"{r['seconds'] / base['seconds']:.2f}x" if base else "-"
         speed = f"{r['seconds'] / eng['seconds']:.2f}x" if eng and not method.startswith("engine") else "-"
-        lines.append(f"| {model} | {k} | {method} | {r['img_per_s']:.1f} | {r['samples_per_s']:.2f} | {ratio} | {speed} | "
+        lines.append(f"| {model} | {k} | {method} | {r['img_per_s']:.1f} | {r['samples_per_s']:.2f} | {r['median_seconds']:.2f} | {ratio} | {speed} | "
                      f"{r['mem_mb_per_sample']:.1f} |")
     return "\n".join(lines)
 
@@ -158,13 +204,14 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--images", type=int, default=64, help="images (views) per physical step; samples = images / K")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="timed steps per method (interleaved); wrn-16-1: 2x")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--models", default="wrn-16-1,wrn-16-4")
     ap.add_argument("--augmults", default="1,16")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
     ap.add_argument("--json", help="also save raw results here")
+    ap.add_argument("--notes", help="markdown file appended to the section (analysis of the numbers)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
@@ -184,12 +231,13 @@ def main() -> None:
         notes = (
             "## DP-SGD step: non-private vs dprandp engine vs Opacus\n\n"
             f"{args.images} images per step (K = 1: {args.images} samples; K = 16: {args.images // 16} samples x 16 views), "
-            f"{args.threads} thread(s), median of {args.steps} timed steps after {args.warmup} warm-up (wrn-16-1: 2x the steps), "
-            "each configuration in its own process. `time / non-private` compares with the non-private step of the same "
+            f"{args.threads} thread(s), best of {args.rounds} interleaved timed steps per method after {args.warmup} warm-up "
+            "(wrn-16-1: 2x the rounds), one process per model and K. `time / non-private` compares with the non-private step "
+            "of the same "
             "trainable set; `engine speed-up vs this` = this method's step time / the engine's. Memory: peak RSS growth "
-            "during the steps per private sample.\n\n" + md
+            "over two steps in a forked process, per private sample.\n\n" + md
         )
-        write_section("dpsgd", notes + "\n\n" + getattr(args, "extra", ""),
+        write_section("dpsgd", notes + ("\n\n" + Path(args.notes).read_text() if args.notes else ""),
                       command="python bench/dpsgd.py " + " ".join(sys.argv[1:]))
 
 

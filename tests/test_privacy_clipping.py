@@ -280,3 +280,26 @@ def test_both_conv_paths_match_loop(monkeypatch, path, views):
         torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
         for n in g:
             torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_custom_loss_with_soft_targets(method):
+    """Targets with trailing dimensions are repeated per view, not flattened."""
+
+    def soft_ce(logits, probs):
+        return -(probs * logits.log_softmax(dim=-1)).sum(dim=-1)
+
+    gen = torch.Generator().manual_seed(9)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).double()
+    x = torch.randn(4, 2, 12, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(4, 3, generator=gen, dtype=torch.float64), dim=-1)
+    ref = []
+    for i in range(4):
+        model.zero_grad()
+        soft_ce(model(x[i]), probs[i].expand(2, 3)).mean().backward()
+        ref.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    ref_sum, ref_norms = clipped_reference(ref, 0.3)
+    g, norms = clipped_grad_sum(model, x, probs, max_grad_norm=0.3, loss_fn=soft_ce, multi_view=True, method=method)
+    torch.testing.assert_close(norms, ref_norms)
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n])

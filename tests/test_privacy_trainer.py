@@ -213,3 +213,11 @@ def test_ema_schedule_against_closed_form():
     other.load_state_dict(state)
     other.copy_to(model)
     assert float(model.weight.detach()[0, 0]) == pytest.approx(expected, rel=1e-12) and other.updates == 4
+
+
+def test_changing_trainable_set_after_construction_is_refused():
+    model = tiny()
+    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), config=config(), noise_generator=torch.Generator())
+    model.head.fc.bias.requires_grad_(False)
+    with pytest.raises(InputError, match="trainable parameters changed"):
+        dp.step(*data(2))

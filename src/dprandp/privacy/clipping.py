@@ -128,7 +128,9 @@ def clipped_grad_sum(
     ``inputs``: (B, ...) one view per sample, or (B, K, ...) K augmented views whose gradients are
     averaged *before* clipping (augmentation multiplicity). By default 5-D inputs are read as
     (B, K, C, H, W); pass ``multi_view`` to say so explicitly for other ranks.
-    ``loss_fn(outputs, targets) -> (n,)`` per-example losses (default: cross-entropy).
+    ``loss_fn(outputs, targets) -> (n,)`` per-example losses (default: cross-entropy); targets are
+    repeated for each view. The layer-wise method calls it once on all B*K outputs; the vmap
+    method calls it inside ``vmap`` (one sample's K views at a time), so it must be side-effect free.
     ``method``: ``"layerwise"`` (fast rules for Conv/Linear/GroupNorm/LayerNorm), ``"vmap"``
     (``torch.func``, any layer) or ``"auto"`` (layer-wise when it covers every trainable layer).
 

@@ -32,7 +32,7 @@ def per_sample_grads(
 
     def sample_loss(params, x, y):
         out = functional_call(model, (params, constants), (x,))
-        loss = loss_fn(out, y.expand(x.shape[0])).mean()
+        loss = loss_fn(out, y.unsqueeze(0).expand(x.shape[0], *y.shape)).mean()
         return loss, loss.detach()
 
     x = views.reshape(b, augmult, *views.shape[1:])

@@ -199,7 +199,7 @@ def per_sample_grads(
     finally:
         for h in handles:
             h.remove()
-    losses = loss_fn(out, targets.repeat_interleave(augmult))
+    losses = loss_fn(out, targets.repeat_interleave(augmult, dim=0))
     if losses.shape != (n,):
         raise InputError(f"loss_fn must return one loss per view, shape ({n},); got {tuple(losses.shape)}")
     sample_losses = losses.detach().reshape(b, augmult).mean(dim=1)
