@@ -135,15 +135,16 @@ def main() -> None:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     lines += [
         "",
-        f"Load average at the end of the run: {load} (other jobs share these {cores} cores, so the rows are "
-        "noisy, and a process with 2 threads suffers most when the cores are oversubscribed). "
-        f"With {cores} cores, 2 processes can at best match one process using both cores well: "
-        "data parallelism pays off with one process per GPU (or per socket), not on a small CPU. "
-        "Per GPU, expect each rank to run at the single-GPU speed for its share of the batch: the only "
-        "extra work per logical step is one all-reduce of the gradient (4 bytes per parameter, about "
-        "11 MB for WRN-16-4, well under a millisecond on NVLink, about 10 ms on 10 Gbit Ethernet), "
-        "which is negligible next to a paper-scale step (B = 4096 × K = 16 views). Not measured on a GPU here "
-        "(this session had no GPU).",
+        f"Load average at the end of the run: {load}. Other jobs share these {cores} cores, so the rows are "
+        "noisy; with the cores oversubscribed, two processes also get a larger share of CPU time than one, "
+        "and a process with 2 threads suffers most (its threads wait for each other). "
+        f"On an idle {cores}-core machine 2 processes can at best do what one process does with both cores: "
+        "expect little gain. Data parallelism pays off with one process per GPU (or per socket). "
+        "Per GPU (not measured: this session had no GPU), each rank computes its B/W samples × K views and "
+        "the only extra work per logical step is one all-reduce of the gradient (4 bytes per parameter: "
+        "11 MB for WRN-16-4; well under 1 ms over NVLink, about 20 ms over 10 Gbit Ethernet). A paper-scale "
+        "step (B = 4096, K = 16) takes about 80 s on one A100 (SPEC: ~20 A100-hours for 875 steps), so W GPUs "
+        "should run close to W× faster, on one node or several.",
     ]
     from bench._report import write_section
 
