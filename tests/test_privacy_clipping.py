@@ -259,11 +259,24 @@ class Convs(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("path", ["grouped", "unfold"])
+class Shared(nn.Module):
+    """The same conv applied twice: its per-sample gradient sums two calls (no ghost norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(torch.tanh(self.conv(x))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("path", ["grouped", "unfold", "ghost"])
 @pytest.mark.parametrize("views", [0, 2])
-def test_both_conv_paths_match_loop(monkeypatch, path, views):
+def test_all_conv_paths_match_loop(monkeypatch, path, views):
     from dprandp.privacy import layerwise
 
+    monkeypatch.setattr(layerwise, "_use_ghost", lambda *a: path == "ghost")
     if path == "unfold":  # route every eligible conv through im2col + bmm
         monkeypatch.setattr(layerwise, "_UNFOLD_MIN_FAN_IN", 0)
         monkeypatch.setattr(layerwise, "_UNFOLD_MAX_POSITIONS", 10**9)
@@ -271,12 +284,14 @@ def test_both_conv_paths_match_loop(monkeypatch, path, views):
         monkeypatch.setattr(layerwise, "_UNFOLD_MIN_FAN_IN", 10**9)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(8)
-    for model in (Convs().double(), tiny_wrn()):
+    for model in (Convs().double(), tiny_wrn(), Shared().double()):
         shape = (3, views, 3, 12, 12) if views else (3, 3, 12, 12)
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
-        y = torch.randint(0, 3, (3,), generator=gen)
-        ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 1e9)
-        g, norms = clipped_grad_sum(model, x, y, max_grad_norm=1e9, method="layerwise")
+        y = torch.randint(0, 2, (3,), generator=gen)
+        ref = loop_reference(model, x, y)
+        c = float(torch.stack([norm_of(r) for r in ref]).median())  # clip some samples
+        ref_sum, ref_norms = clipped_reference(ref, c)
+        g, norms = clipped_grad_sum(model, x, y, max_grad_norm=c, method="layerwise")
         torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
         for n in g:
             torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)

@@ -99,17 +99,23 @@ def clip_and_sum(
         return ClippedSum(zeros, empty, empty, method)
     loss_fn = loss_fn or cross_entropy_per_sample
     engine = layerwise if method == "layerwise" else functional
-    grads, losses = engine.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn)
-    sq = None
+    grads, losses, deferred = engine.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn)
+    sq = torch.zeros(b, dtype=torch.float64 if trainable[0][1].dtype == torch.float64 else torch.float32,
+                     device=inputs.device)
     for n, _ in trainable:
-        s = torch.linalg.vector_norm(grads[n].reshape(b, -1), dim=1).square()
-        sq = s if sq is None else sq + s
-    norms = sq.sqrt()
+        if n in deferred:
+            sq = sq + deferred[n].sq_norms.to(sq.dtype)
+        else:
+            sq = sq + torch.linalg.vector_norm(grads[n].reshape(b, -1), dim=1).square().to(sq.dtype)
+    norms = sq.clamp(min=0).sqrt()  # a Gram-matrix norm can round a hair below zero
     factors = clip_factors(norms, float(max_grad_norm))
     grad_sum = {}
     for n, p in trainable:
-        g = grads.pop(n)
-        grad_sum[n] = torch.tensordot(factors.to(g.dtype), g, dims=1).to(p.dtype)
+        if n in deferred:
+            grad_sum[n] = deferred.pop(n).finish(factors).to(p.dtype)
+        else:
+            g = grads.pop(n)
+            grad_sum[n] = torch.tensordot(factors.to(g.dtype), g, dims=1).to(p.dtype)
     return ClippedSum(grad_sum, norms.detach(), losses.detach(), method)
 
 

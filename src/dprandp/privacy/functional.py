@@ -22,8 +22,8 @@ def per_sample_grads(
     *,
     augmult: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Same contract as :func:`dprandp.privacy.layerwise.per_sample_grads`."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+    """Same contract as :func:`dprandp.privacy.layerwise.per_sample_grads` (nothing deferred)."""
     n = views.shape[0]
     b = n // augmult
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
@@ -39,4 +39,4 @@ def per_sample_grads(
     per_grad = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
     with torch.enable_grad():
         grads, losses = per_grad(trainable, x, targets)
-    return dict(grads), losses
+    return dict(grads), losses, {}

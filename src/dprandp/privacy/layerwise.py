@@ -54,6 +54,51 @@ class _Call:
     versions: tuple[int, int]
 
 
+@dataclass
+class Deferred:
+    """A parameter whose per-sample gradients are never materialised ("ghost" norm).
+
+    ``sq_norms`` holds each sample's squared gradient norm; ``finish(factors)`` returns
+    sum_i factors[i] * grad_i, computed as one ordinary weight gradient of the re-weighted
+    output gradients, once the clip factors are known.
+    """
+
+    sq_norms: torch.Tensor
+    finish: Callable[[torch.Tensor], torch.Tensor]
+
+
+#: Ghost norms for convs whose per-sample gradients are big and whose maps are small: when
+#: positions * (fan_in + out_channels) < fan_in * out_channels (Gram matrices cheaper than the
+#: B per-sample gradients) and positions <= this bound (Gram size per sample = positions^2).
+_GHOST_MAX_POSITIONS = 256
+
+
+def _use_ghost(positions: int, fan_in: int, fan_out: int) -> bool:
+    return positions <= _GHOST_MAX_POSITIONS and positions * (fan_in + fan_out) < fan_in * fan_out
+
+
+def _conv2d_weight_ghost(module, a: torch.Tensor, g: torch.Tensor, b: int, padding: list[int]) -> Deferred:
+    """||sum_t g_t a_t^T||^2 = sum_{t,t'} (g_t . g_t')(a_t . a_t') per sample, over views and positions."""
+    cols = _im2col(a, module, padding)  # (N, d, T)
+    d, t = cols.shape[1], cols.shape[2]
+    x = cols.reshape(b, -1, d, t).transpose(1, 2).reshape(b, d, -1)  # (B, d, K*T)
+    gg = g.reshape(b, -1, g.shape[1], t).transpose(1, 2).reshape(b, g.shape[1], -1)  # (B, p, K*T)
+    sq = (torch.bmm(x.transpose(1, 2), x) * torch.bmm(gg.transpose(1, 2), gg)).sum(dim=(1, 2))
+    del cols, x, gg
+    k = a.shape[0] // b
+    w = module.weight
+
+    def finish(factors: torch.Tensor) -> torch.Tensor:
+        scale = factors.to(g.dtype).repeat_interleave(k).reshape(-1, *([1] * (g.dim() - 1)))
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            g * scale, a, w.detach(), None, list(module.stride), padding, list(module.dilation), False,
+            [0] * (a.dim() - 2), module.groups, [False, True, False],
+        )
+        return gw
+
+    return Deferred(sq, finish)
+
+
 #: im2col + batched matmul beats the grouped convolution on CPUs for wide layers on small maps
 #: (e.g. WRN-16-4's last stage: 256 channels at 8x8, 4x faster); the grouped call wins elsewhere.
 _UNFOLD_MIN_FAN_IN = 1024
@@ -99,7 +144,7 @@ def _conv2d_weight_unfold(module, a: torch.Tensor, g: torch.Tensor, b: int, padd
     return torch.bmm(gg, cols.transpose(1, 2)).reshape(b, *w.shape)
 
 
-def _conv(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+def _conv(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, b: int, ghost_ok: bool = False) -> dict:
     if module.padding_mode != "zeros":
         a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = [0] * (a.dim() - 2)
@@ -110,8 +155,11 @@ def _conv(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, b: 
     w = module.weight
     grads = {}
     if w.requires_grad:
-        positions, fan_in = k * g[0, 0].numel(), w[0].numel()
-        if a.dim() == 4 and module.groups == 1 and positions <= _UNFOLD_MAX_POSITIONS and fan_in >= _UNFOLD_MIN_FAN_IN:
+        positions, fan_in, fan_out = k * g.shape[2:].numel(), w[0].numel(), w.shape[0]
+        flat2d = a.dim() == 4 and module.groups == 1
+        if ghost_ok and flat2d and _use_ghost(positions, fan_in, fan_out):
+            grads["weight"] = _conv2d_weight_ghost(module, a, g, b, padding)
+        elif flat2d and positions <= _UNFOLD_MAX_POSITIONS and fan_in >= _UNFOLD_MIN_FAN_IN:
             grads["weight"] = _conv2d_weight_unfold(module, a, g, b, padding)
         else:
             grads["weight"] = _conv_weight_grouped(module, a, g, b, padding)
@@ -120,7 +168,7 @@ def _conv(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, b: 
     return grads
 
 
-def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, b: int, ghost_ok: bool = False) -> dict:
     a = a.reshape(b, -1, a.shape[-1])
     g = g.reshape(b, -1, g.shape[-1])
     grads = {}
@@ -131,7 +179,7 @@ def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, b: int) -> dict
     return grads
 
 
-def _groupnorm(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+def _groupnorm(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, b: int, ghost_ok: bool = False) -> dict:
     grads = {}
     c = a.shape[1]
     if module.weight is not None and module.weight.requires_grad:
@@ -142,7 +190,7 @@ def _groupnorm(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, b: int) -
     return grads
 
 
-def _layernorm(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+def _layernorm(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, b: int, ghost_ok: bool = False) -> dict:
     grads = {}
     shape = tuple(module.normalized_shape)
     if module.weight is not None and module.weight.requires_grad:
@@ -170,11 +218,12 @@ def per_sample_grads(
     *,
     augmult: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Deferred]]:
     """Per-sample gradients of the mean-over-views loss, from one forward/backward pass.
 
     ``views``: (B*K, ...), sample-major (the K views of sample i are rows iK .. iK+K-1).
-    Returns ``({name: (B, *param.shape)}, per_sample_loss (B,))``.
+    Returns ``({name: (B, *param.shape)}, per_sample_loss (B,), {name: Deferred})``: parameters in
+    the last dict (ghost norms) have no per-sample tensor, only squared norms and a deferred sum.
     """
     n = views.shape[0]
     b = n // augmult
@@ -215,6 +264,10 @@ def per_sample_grads(
     total = losses.sum() / augmult
     outs = torch.autograd.grad(total, [c.output for c in calls], allow_unused=True)
     grads: dict[str, torch.Tensor] = {}
+    deferred: dict[str, Deferred] = {}
+    uses: dict[int, int] = {}
+    for c in calls:
+        uses[id(c.module)] = uses.get(id(c.module), 0) + 1
     for c, g in zip(calls, outs):
         if (c.inputs._version, c.output._version) != c.versions:
             raise InputError(
@@ -223,10 +276,15 @@ def per_sample_grads(
             )
         if g is None:
             g = torch.zeros_like(c.output)
-        for pname, grad in _rule(c.module)(c.module, c.inputs, g, b).items():
+        # A ghost norm is one call's norm: only exact when the layer ran once in this forward.
+        ghost_ok = uses[id(c.module)] == 1
+        for pname, grad in _rule(c.module)(c.module, c.inputs, g, b, ghost_ok).items():
             key = c.prefix + pname
-            grads[key] = grads[key] + grad if key in grads else grad
+            if isinstance(grad, Deferred):
+                deferred[key] = grad
+            else:
+                grads[key] = grads[key] + grad if key in grads else grad
     for name, p in model.named_parameters():
-        if p.requires_grad and name not in grads:  # trainable but unused in this forward
+        if p.requires_grad and name not in grads and name not in deferred:  # trainable but unused
             grads[name] = torch.zeros((b, *p.shape), dtype=p.dtype, device=p.device)
-    return grads, sample_losses
+    return grads, sample_losses, deferred
