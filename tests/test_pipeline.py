@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 def tiny_config(data, prior, **kw):
     base = dict(dataset="npz", data=data, model="wrn-10-1", prior=prior, batch_size=16, augmult=2,
-                physical_batch_size=16, steps=6, phase2_steps=2, target_epsilon=8.0, checkpoint_every=3,
+                physical_batch_size=16, steps=6, phase2_steps=2, target_epsilon=1.0, checkpoint_every=3,
                 eval_every=3, lr_phase2=2.0, lr_phase3=0.5)
     base.update(kw)
     return preset("demo", **base)
@@ -51,8 +51,8 @@ def test_summary_epsilon_is_the_accountants_epsilon_of_the_ledger(finished):
     assert sigma == {summary["noise_multiplier"]}
     ref = compute_epsilon([DPPhase(sample_rate=0.25, noise_multiplier=sigma.pop(), steps=6)], target_delta=1e-5)
     assert summary["epsilon"] == pytest.approx(ref, rel=1e-9)
-    assert summary["epsilon"] <= summary["target_epsilon"] == 8.0
-    assert summary["epsilon"] > 0.95 * 8.0  # sigma was calibrated to use the budget
+    assert summary["epsilon"] <= summary["target_epsilon"] == 1.0
+    assert summary["epsilon"] > 0.99 * 1.0  # sigma was calibrated to use the budget
     for key in ("test_accuracy", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "num_train",
                 "dataset", "prior", "wall_time_s", "code_version", "deterministic_noise"):
         assert key in summary
@@ -98,7 +98,7 @@ def test_evaluate_reproduces_the_reported_accuracy(finished):
 
 def test_linear_probing_only_leaves_the_trunk_equal_to_the_prior(tmp_path):
     data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
-    cfg = tiny_config(data, prior, steps=3, phase2_steps=3, eval_every=0, ema=False)
+    cfg = tiny_config(data, prior, steps=3, phase2_steps=3, eval_every=0, ema=False, noise_multiplier=3.0)
     assert cfg.phase3_steps == 0
     train(cfg, out=tmp_path / "run", progress=False)
     model, _ = load_model(tmp_path / "run" / "model.pt")
@@ -107,15 +107,13 @@ def test_linear_probing_only_leaves_the_trunk_equal_to_the_prior(tmp_path):
     trunk, _ = load_prior(prior)
     for k, v in trunk.items():
         assert torch.equal(model.trunk.state_dict()[k], v), k
-    head_before = torch.load(prior, weights_only=True)  # the head was trained: it must differ from init
-    assert head_before is not None
     assert {s["phase"] for s in ledger_steps(tmp_path / "run")} == {"II"}
 
 
 def test_without_prior_every_step_trains_everything(tmp_path):
     data = tiny_npz(tmp_path / "t.npz")
     cfg = preset("demo", dataset="npz", data=data, model="wrn-10-1", prior=None, batch_size=16, augmult=1,
-                 physical_batch_size=16, steps=2, eval_every=0, target_epsilon=8.0)
+                 physical_batch_size=16, steps=2, eval_every=0, target_epsilon=8.0, noise_multiplier=3.0)
     assert cfg.phase2_steps == 0
     result = train(cfg, out=tmp_path / "run", progress=False)
     assert {s["phase"] for s in ledger_steps(tmp_path / "run")} == {"III"}

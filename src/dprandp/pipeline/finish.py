@@ -75,6 +75,21 @@ def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", ba
             "epsilon": meta.get("epsilon"), "delta": meta.get("delta")}
 
 
+def prior_provenance(prior: str | None) -> str | None:
+    """One line on how the prior was made (process, images, epochs), from its file."""
+    if prior is None:
+        return None
+    try:
+        from dprandp.pretrain import load_prior
+
+        _, meta = load_prior(prior)
+    except Exception:
+        return None
+    p = meta.get("provenance", {})
+    return (f"{meta.get('model')} pretrained on {p.get('num_images')} {p.get('process')} images "
+            f"({p.get('image_size')} px), {p.get('epochs_done')} epochs, seed {p.get('seed')}")
+
+
 def prior_preview(prior: str | None, n: int = 32) -> np.ndarray | None:
     """A few of the prior's random-process images, re-rendered from its provenance (or None)."""
     if prior is None:
@@ -126,7 +141,8 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         "steps": ledger.steps, "steps_applied": steps_applied, "planned_steps": config.steps,
         "phase2_steps_done": phases_done.get("II", 0), "phase3_steps_done": phases_done.get("III", 0),
         "num_train": data.num_train, "num_test": int(len(data.x_test)), "num_classes": data.num_classes,
-        "dataset": data.name, "prior": config.prior, "model": config.model,
+        "dataset": data.name, "prior": config.prior, "prior_provenance": prior_provenance(config.prior),
+        "model": config.model,
         "wall_time_s": wall_time_s, "code_version": code_version(),
         "deterministic_noise": config.deterministic_noise, "stopped_early": stopped,
         "finished": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),

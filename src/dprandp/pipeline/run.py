@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dprandp.errors import require
 from dprandp.pipeline.config import TrainConfig
+from dprandp.pipeline.rundir import check_run_dir
 from dprandp.pipeline.trainer import TrainResult, train
 
 #: Phase I for the demo: WRN-10-1 on a few thousand StyleGAN-Oriented images, a minute or two on
@@ -83,15 +84,8 @@ def run_all(config: RunConfig, *, out, overwrite: bool = False, progress: bool |
 
             data = load_dataset(tc.dataset, tc.data, val_fraction=tc.val_fraction, val_seed=tc.seed)
             make_plan(tc, data.num_train)
-            _check_out(out, overwrite)
+            check_run_dir(out, overwrite=overwrite)
             prior = ensure_prior(config.pretrain, cache=config.cache, progress=bool(progress), log=log)
             tc = replace(tc, prior=str(prior))
             return train(tc, out=out, overwrite=overwrite, progress=progress, log=log, data=data)
     return train(tc, out=out, overwrite=overwrite, progress=progress, log=log)
-
-
-def _check_out(out, overwrite: bool) -> None:
-    p = Path(out)
-    require(overwrite or not (p.exists() and p.is_dir() and any(p.iterdir())),
-            f"run directory {p} already exists; choose another --out or pass --overwrite")
-    require(not p.exists() or p.is_dir(), f"output path {p} exists and is not a directory")

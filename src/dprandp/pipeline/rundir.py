@@ -30,6 +30,19 @@ from dprandp.errors import InputError, require
 RUN_MARKERS = ("config.json", "ledger.jsonl")
 
 
+def check_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse early (before any expensive work) what :func:`prepare_run_dir` would refuse."""
+    p = Path(path)
+    for parent in [p, *p.parents]:
+        if parent.exists():
+            require(parent.is_dir(), f"cannot create run directory {p}: {parent} is not a directory")
+            break
+    if p.is_dir() and any(p.iterdir()):
+        require(overwrite, f"run directory {p} already exists; choose another --out, pass --overwrite, or --resume it")
+        require(any((p / m).exists() for m in RUN_MARKERS),
+                f"--overwrite refused: {p} is not a dprandp run directory (no config.json or ledger.jsonl)")
+
+
 def prepare_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Create ``path`` for a new run. An existing non-empty directory is refused unless
     ``overwrite`` is set *and* it is a previous dprandp run (never deletes anything else)."""

@@ -34,7 +34,14 @@ from dprandp.models import create_model
 from dprandp.pipeline import state as st
 from dprandp.pipeline.config import TrainConfig
 from dprandp.pipeline.ledger import PrivacyLedger
-from dprandp.pipeline.rundir import MetricsLog, atomic_write_json, code_version, prepare_run_dir, read_json
+from dprandp.pipeline.rundir import (
+    MetricsLog,
+    atomic_write_json,
+    check_run_dir,
+    code_version,
+    prepare_run_dir,
+    read_json,
+)
 from dprandp.privacy import DPSGD, EMA, DPConfig, PoissonSampler
 
 
@@ -157,6 +164,7 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
     """
     log = log or (lambda msg: None)
     t0 = time.time()
+    check_run_dir(out, overwrite=overwrite)
     if data is None:
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
     model = build_model(config, data.num_classes)

@@ -1,0 +1,130 @@
+"""Bad input to `dprandp train / run / evaluate`: exit 2, one line on stderr, nothing written over.
+
+Table-driven through the real CLI entry point (``dprandp.cli.main.main``, in process to keep the
+suite fast; one case also runs as a subprocess to cover the console script path).
+"""
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pipeline_helpers import make_prior, tiny_flags, tiny_npz
+
+from dprandp.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    good = tiny_npz(d / "good.npz")
+    arrays = dict(np.load(good))
+
+    def variant(name, **changes):
+        a = dict(arrays)
+        a.update(changes)
+        np.savez(d / name, **{k: v for k, v in a.items() if v is not None})
+        return str(d / name)
+
+    f = {
+        "dir": d, "good": good, "prior": make_prior(d / "prior.pt"),
+        "prior16": make_prior(d / "prior16.pt", model="wrn-16-1"),
+        "junk": d / "junk.npz", "keys": variant("keys.npz", x_train=None),
+        "shape": variant("shape.npz", x_train=np.zeros((64, 7), np.uint8)),
+        "nan": variant("nan.npz", x_test=np.full((32, 32, 32, 3), np.nan, np.float32)),
+        "range": variant("range.npz", y_train=arrays["y_train"] + 7),
+        "oneclass": variant("oneclass.npz", y_train=np.zeros(64, np.int64)),
+        "empty": variant("empty.npz", x_test=np.zeros((0, 32, 32, 3), np.uint8), y_test=np.zeros(0, np.int64)),
+    }
+    f["junk"].write_bytes(b"\x00garbage, not an npz")
+    raw = (d / "good.npz").read_bytes()
+    (d / "trunc.npz").write_bytes(raw[: len(raw) // 3])
+    f["trunc"] = str(d / "trunc.npz")
+    (d / "badprior.pt").write_bytes(b"not a checkpoint")
+    f["badprior"] = str(d / "badprior.pt")
+    (d / "existing_run").mkdir()
+    (d / "existing_run" / "notes.txt").write_text("precious")
+    (d / "a_file").write_text("i am a file")
+    from dprandp.models import create_model
+    from dprandp.pipeline.finish import save_model
+    from dprandp.data import load_dataset
+
+    three = load_dataset("npz", variant("three.npz", y_train=arrays["y_train"] % 3, y_test=arrays["y_test"] % 3))
+    save_model(d / "model3.pt", create_model("wrn-10-1", num_classes=3, seed=0), model_name="wrn-10-1",
+               data=three, extra={})
+    (d / "badmodel.pt").write_bytes(b"\x80\x02garbage")
+    return f
+
+
+def train_cmd(f, data_key="good", *extra, dataset="npz", prior="prior"):
+    args = ["train", *tiny_flags(f[data_key] if data_key in f else data_key), "--steps", "2"]
+    args[args.index("--dataset") + 1] = dataset
+    if prior:
+        args += ["--prior", str(f[prior]) if prior in f else prior]
+    return args + ["--out", str(f["dir"] / "newrun"), *extra]
+
+
+CASES = {
+    "unknown dataset": lambda f: train_cmd(f, dataset="imagenet"),
+    "missing file": lambda f: train_cmd(f, str(f["dir"] / "nope.npz")),
+    "corrupt file": lambda f: train_cmd(f, str(f["junk"])),
+    "truncated file": lambda f: train_cmd(f, "trunc"),
+    "wrong keys": lambda f: train_cmd(f, "keys"),
+    "wrong shapes": lambda f: train_cmd(f, "shape"),
+    "NaN pixels": lambda f: train_cmd(f, "nan"),
+    "labels out of range (cifar10)": lambda f: train_cmd(f, "range", dataset="cifar10"),
+    "fewer than 2 classes": lambda f: train_cmd(f, "oneclass"),
+    "empty split": lambda f: train_cmd(f, "empty"),
+    "prior of another architecture": lambda f: train_cmd(f, prior="prior16"),
+    "corrupt prior": lambda f: train_cmd(f, prior="badprior"),
+    "missing prior": lambda f: train_cmd(f, prior=str(f["dir"] / "nope.pt")),
+    "no --prior": lambda f: train_cmd(f, prior=None),
+    "epsilon zero": lambda f: train_cmd(f, "good", "--epsilon", "0"),
+    "epsilon negative": lambda f: train_cmd(f, "good", "--epsilon", "-1"),
+    "epsilon nan": lambda f: train_cmd(f, "good", "--epsilon", "nan"),
+    "delta >= 1/N": lambda f: train_cmd(f, "good", "--delta", "0.02"),
+    "delta >= 1": lambda f: train_cmd(f, "good", "--delta", "1.5"),
+    "noise too small for epsilon": lambda f: train_cmd(f, "good", "--noise-multiplier", "1.5", "--epsilon", "1"),
+    "batch larger than dataset": lambda f: train_cmd(f, "good", "--batch-size", "1000"),
+    "existing run dir": lambda f: train_cmd(f)[:-2] + ["--out", str(f["dir"] / "existing_run")],
+    "overwrite a non-run dir": lambda f: train_cmd(f)[:-2] + ["--out", str(f["dir"] / "existing_run"), "--overwrite"],
+    "unwritable output": lambda f: train_cmd(f)[:-2] + ["--out", str(f["dir"] / "a_file" / "run")],
+    "resume a missing dir": lambda f: ["train", "--resume", str(f["dir"] / "nope")],
+    "resume a non-run dir": lambda f: ["train", "--resume", str(f["dir"] / "existing_run")],
+    "resume with flags": lambda f: ["train", "--resume", str(f["dir"] / "existing_run"), "--epsilon", "2"],
+    "unknown preset": lambda f: train_cmd(f, "good", "--preset", "gpu"),
+    "evaluate: missing model": lambda f: ["evaluate", "--model", str(f["dir"] / "nope.pt"), "--dataset", "npz",
+                                          "--data", f["good"]],
+    "evaluate: corrupt model": lambda f: ["evaluate", "--model", str(f["dir"] / "badmodel.pt"), "--dataset", "npz",
+                                          "--data", f["good"]],
+    "evaluate: a prior is not a model": lambda f: ["evaluate", "--model", f["prior"], "--dataset", "npz",
+                                                   "--data", f["good"]],
+    "evaluate: class count mismatch": lambda f: ["evaluate", "--model", str(f["dir"] / "model3.pt"),
+                                                 "--dataset", "npz", "--data", f["good"]],
+    "run: epsilon zero": lambda f: ["run", "--epsilon", "0", "--out", str(f["dir"] / "newrun")],
+    "run: delta >= 1/N (digits)": lambda f: ["run", "--prior", "none", "--delta", "0.01",
+                                             "--out", str(f["dir"] / "newrun")],
+}
+
+
+def snapshot(d):
+    return {p.relative_to(d): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, files, capsys):
+    before = snapshot(files["dir"])
+    with pytest.raises(SystemExit) as exc:
+        main(CASES[case](files))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dprandp: error: "), err
+    assert "Traceback" not in err
+    assert snapshot(files["dir"]) == before  # nothing written, nothing overwritten
+
+
+def test_console_script_path(files):
+    r = subprocess.run([sys.executable, "-m", "dprandp", *train_cmd(files, "nan")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "NaN" in r.stderr
