@@ -1,0 +1,206 @@
+"""The privacy-utility trade-off on CIFAR-10: DP-RandP against DP-SGD from scratch (issue 7).
+
+    python bench/utility.py --prior PRIOR.pt --eps 1 --arms scratch lp randp --seeds 0 1
+    python bench/utility.py --table-only        # re-render BENCHMARKS.md from the results file
+
+Arms, all with the same model, expected batch B, views K and number of DP steps T:
+
+* ``scratch``  DP-SGD from a random initialisation (``--prior none``), T full-model steps;
+* ``lp``       DP-RandP without Phase III: T linear-probing steps on the frozen prior;
+* ``randp``    DP-RandP: a share of T in Phase II, the rest in Phase III (fine-tuning);
+* ``nonprivate`` the ceiling: the prior fine-tuned without clipping or noise (SGD, momentum 0.9),
+  for the same number of sample-views as the DP arms.
+
+Every DP arm runs through the public API (``dprandp.pipeline.train``) exactly as
+``dprandp train`` would, reports the FINAL EMA model's test accuracy (never the best step),
+and appends one JSON line per run to ``bench/results/utility.jsonl`` so that a long sweep can be
+interrupted and the table re-rendered from what has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._report import write_section  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "utility.jsonl"
+DATA = ROOT.parent / "shared" / "data" / "cifar10.npz"
+PAPER = {  # SPEC.md anchors, CIFAR-10, WRN-16-4
+    "randp": {1: 72.3},
+    "scratch": {1: 56.8, 2: 65.9, 4: 73.5, 8: 81.4},  # De et al. 2022
+    "lp": {1: 61.3},  # DP-RandP ablation: all of the budget in Phase II
+}
+
+
+def command_for(arm: str, eps: float, seed: int, a) -> str:
+    base = (f"dprandp train --dataset cifar10 --data ../shared/data/cifar10.npz --preset cpu --epsilon {eps:g} "
+            f"--batch-size {a.batch_size} --augmult {a.augmult} --seed {seed}")
+    if arm == "scratch":
+        return f"{base} --prior none --steps {a.steps} --lr-phase3 {a.lr_scratch:g}"
+    if arm == "lp":
+        return f"{base} --prior PRIOR --steps {a.steps} --phase2-steps {a.steps} --lr-phase2 {a.lr_phase2:g}"
+    return (f"{base} --prior PRIOR --steps {a.steps} --phase2-steps {round(a.phase2_share * a.steps)} "
+            f"--lr-phase2 {a.lr_phase2:g} --lr-phase3 {a.lr_phase3:g}")
+
+
+def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
+    from dprandp.pipeline import preset, train
+
+    common = dict(dataset="cifar10", data=str(DATA), target_epsilon=eps, batch_size=a.batch_size,
+                  augmult=a.augmult, seed=seed, physical_batch_size=a.physical_batch_size,
+                  eval_every=0, checkpoint_every=max(a.steps, 1), model=a.model)
+    if arm == "scratch":
+        cfg = preset("cpu", prior=None, steps=a.steps, lr_phase3=a.lr_scratch, **common)
+    elif arm == "lp":
+        cfg = preset("cpu", prior=a.prior, steps=a.steps, phase2_steps=a.steps, lr_phase2=a.lr_phase2, **common)
+    else:
+        cfg = preset("cpu", prior=a.prior, steps=a.steps, phase2_steps=round(a.phase2_share * a.steps),
+                     lr_phase2=a.lr_phase2, lr_phase3=a.lr_phase3, **common)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        result = train(cfg, out=Path(tmp) / "run", progress=False, data=data)
+        wall = time.time() - t0
+        s = result.summary
+    return dict(arm=arm, epsilon_target=eps, seed=seed, test_accuracy=s["test_accuracy"], epsilon=s["epsilon"],
+                noise_multiplier=s["noise_multiplier"], steps=s["steps"], wall_s=wall,
+                command=command_for(arm, eps, seed, a), config=cfg.to_dict())
+
+
+def run_nonprivate(seed: int, a, data) -> dict:
+    """Ceiling: the same model from the same prior, fine-tuned without clipping or noise."""
+    import torch
+    import torch.nn.functional as F
+
+    from dprandp.augment import random_crop_flip
+    from dprandp.data import to_float
+    from dprandp.models import create_model
+    from dprandp.pipeline.trainer import accuracy
+    from dprandp.pretrain import apply_prior
+
+    model = create_model(a.model, num_classes=data.num_classes, seed=seed)
+    apply_prior(model, a.prior)
+    gen = torch.Generator().manual_seed(seed)
+    x = to_float(data.x_train)  # the same normalisation as the DP pipeline
+    y = torch.from_numpy(data.y_train).long()
+    batch = 128
+    total = a.steps * a.batch_size  # same number of samples as the DP arms
+    iters = max(1, total // batch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=iters)
+    t0 = time.time()
+    model.train()
+    for _ in range(iters):
+        idx = torch.randint(0, len(y), (batch,), generator=gen)
+        views = random_crop_flip(x[idx], augmult=1, generator=gen)[:, 0]
+        loss = F.cross_entropy(model(views), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    wall = time.time() - t0
+    model.eval()
+    acc = accuracy(model, data.x_test, data.y_test)
+    return dict(arm="nonprivate", epsilon_target=float("inf"), seed=seed, test_accuracy=acc, epsilon=float("inf"),
+                noise_multiplier=0.0, steps=iters, wall_s=wall,
+                command=f"python bench/utility.py --prior PRIOR --arms nonprivate --seeds {seed}", config={})
+
+
+def load_results() -> list[dict]:
+    if not RESULTS.exists():
+        return []
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
+def render(results: list[dict], note: str) -> str:
+    def fmt(values):
+        values = [100 * v for v in values]
+        if len(values) == 1:
+            return f"{values[0]:.1f} (n = 1)"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n = {len(values)})"
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["arm"], r["epsilon_target"]), []).append(r)
+    names = {"scratch": "(a) DP-SGD from scratch", "lp": "(b) DP-RandP without Phase III",
+             "randp": "(c) DP-RandP (I + II + III)", "nonprivate": "non-private ceiling"}
+    lines = [
+        "## Privacy-utility trade-off on CIFAR-10 (issue 7)",
+        "",
+        note,
+        "",
+        "| arm | target ε | test accuracy % (final EMA model) | ε spent | σ | steps | wall time per run | paper (WRN-16-4) | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = ["scratch", "lp", "randp", "nonprivate"]
+    for (arm, eps), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
+        paper = PAPER.get(arm, {}).get(eps)
+        eps_s = "∞" if eps == float("inf") else f"{eps:g}"
+        spent = "∞" if rs[0]["epsilon"] == float("inf") else f"{max(r['epsilon'] for r in rs):.3f}"
+        lines.append(
+            f"| {names[arm]} | {eps_s} | {fmt([r['test_accuracy'] for r in rs])} | {spent} | "
+            f"{rs[0]['noise_multiplier']:.3f} | {rs[0]['steps']} | "
+            f"{statistics.mean(r['wall_s'] for r in rs) / 60:.1f} min | {paper if paper else '–'} | "
+            f"`{rs[0]['command']}` |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global RESULTS
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prior", default=str(Path("/work/cache/prior-cpu.pt")))
+    p.add_argument("--eps", type=float, nargs="+", default=[1.0])
+    p.add_argument("--arms", nargs="+", default=["scratch", "lp", "randp"],
+                   choices=["scratch", "lp", "randp", "nonprivate"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--model", default="wrn-16-1")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--augmult", type=int, default=1)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--phase2-share", type=float, default=0.2)
+    p.add_argument("--lr-phase2", type=float, default=8.0)
+    p.add_argument("--lr-phase3", type=float, default=1.0)
+    p.add_argument("--lr-scratch", type=float, default=2.0)
+    p.add_argument("--physical-batch-size", type=int, default=250)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--note", default="")
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the runs append to")
+    p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md (smoke tests)")
+    a = p.parse_args()
+
+    if not a.table_only:
+        import torch
+
+        from dprandp.data import load_dataset
+
+        torch.set_num_threads(a.threads)
+        if not DATA.exists():
+            sys.exit(f"CIFAR-10 not found at {DATA}")
+        data = load_dataset("cifar10", str(DATA))
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        for eps in a.eps:
+            for arm in a.arms:
+                for seed in a.seeds:
+                    if arm == "nonprivate":
+                        r = run_nonprivate(seed, a, data)
+                    else:
+                        r = run_dp_arm(arm, eps, seed, a, data)
+                    print(json.dumps({k: v for k, v in r.items() if k != "config"}), flush=True)
+                    with RESULTS.open("a") as fh:
+                        fh.write(json.dumps(r) + "\n")
+    if a.no_write:
+        return
+    write_section("utility", render(load_results(), a.note), command="python bench/utility.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
