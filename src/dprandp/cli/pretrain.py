@@ -22,6 +22,8 @@ from dprandp.errors import InputError
 @click.option("--model", default=None, help="Encoder from the model registry (default: preset).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: preset; lr milestones scale with it).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Batch size (lr = 0.12 * B / 256).")
+@click.option("--lr-per-256", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate per 256 images (lr = this * B / 256; default: preset, paper 0.12).")
 @click.option("--hidden", type=click.IntRange(min=1), default=None, help="Projection head width (default: preset).")
 @click.option("--loss", type=click.Choice(["align-uniform", "infonce"]), default=None, help="Contrastive loss (default align-uniform).")
 @click.option("--seed", type=int, default=None, help="Seed of the initialisation, data order and augmentations (default 0).")
@@ -31,7 +33,7 @@ from dprandp.errors import InputError
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
-def command(images, process, num, size, preset_name, model, epochs, batch_size, hidden, loss, seed, out, resume,
+def command(images, process, num, size, preset_name, model, epochs, batch_size, lr_per_256, hidden, loss, seed, out, resume,
             overwrite, device, threads, no_progress):
     """Phase I: learn a prior (WRN trunk) from random-process images; costs no privacy."""
     import sys
@@ -56,7 +58,7 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but no CUDA device is available")
 
-    config = preset(preset_name, model=model, epochs=epochs, batch_size=batch_size, hidden=hidden, loss=loss, seed=seed,
+    config = preset(preset_name, model=model, epochs=epochs, batch_size=batch_size, lr_per_256=lr_per_256, hidden=hidden, loss=loss, seed=seed,
                     process=process)
     progress = False if no_progress else None
     if images is not None:
