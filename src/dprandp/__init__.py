@@ -8,6 +8,8 @@ The public API, imported lazily so that ``import dprandp`` (and the accounting C
   :func:`clipped_grad_sum`
 * privacy audit: :class:`AuditConfig`, :func:`run_audit`
 * Phase I: :class:`PretrainConfig`, :func:`pretrain`, :func:`load_prior`, :func:`apply_prior`
+* Phases II + III: :class:`TrainConfig`, :func:`train_preset`, :func:`train`, :func:`resume`,
+  :func:`evaluate`, :func:`load_dataset`
 * errors: :class:`InputError`
 """
 
@@ -37,12 +39,19 @@ _LAZY = {
     "load_prior": "dprandp.pretrain",
     "apply_prior": "dprandp.pretrain",
     "InputError": "dprandp.errors",
+    "TrainConfig": "dprandp.pipeline",
+    "train": "dprandp.pipeline",
+    "resume": "dprandp.pipeline",
+    "evaluate": "dprandp.pipeline",
+    "load_dataset": "dprandp.data",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "train_preset", *_LAZY]
 
 
 def __getattr__(name: str):
+    if name == "train_preset":  # dprandp.pipeline.preset (``preset`` alone would be ambiguous with Phase I's)
+        return importlib.import_module("dprandp.pipeline").preset
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dprandp' has no attribute {name!r}")

@@ -141,10 +141,15 @@ class PrivacyLedger:
     # ----------------------------------------------------------------------------- writing
     def _append(self, obj: dict) -> None:
         line = (json.dumps(obj, sort_keys=True) + "\n").encode()
-        with open(self.path, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "ab") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            # Raised inside the engine's before_update hook: the step's update is never applied.
+            raise InputError(f"could not write the privacy ledger {self.path} ({exc.strerror or exc}); "
+                             "the step was not applied; free space and --resume the run") from None
 
     def record_step(self, *, phase: str, step: int, sample_rate: float, noise_multiplier: float,
                     max_grad_norm: float, extra: dict | None = None) -> StepRecord:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,10 +209,13 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
     ledger = PrivacyLedger.open(run_dir)
     if data is None:
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
-    plan = make_plan(config, data.num_train)
-    require(abs(plan.noise_multiplier - saved["derived"]["noise_multiplier"]) < 1e-9 * max(1.0, plan.noise_multiplier)
-            and plan.num_train == saved["derived"]["num_train"],
-            f"the data or accountant changed since {run_dir} started (N or sigma differ); cannot resume")
+    derived = saved.get("derived", {})
+    require(data.num_train == derived.get("num_train") and data.num_classes == derived.get("num_classes"),
+            f"the dataset changed since {run_dir} started (N = {data.num_train}, was {derived.get('num_train')}); "
+            "cannot resume")
+    # The run's sigma and q are those it started with (and that its ledger records), not a new calibration.
+    plan = Plan(num_train=data.num_train, sample_rate=config.batch_size / data.num_train,
+                noise_multiplier=float(derived["noise_multiplier"]), planned_epsilon=float(derived["planned_epsilon"]))
     model = create_model(config.model, num_classes=data.num_classes)
     model.load_state_dict(ckpt["model"])
     ema = EMA(model) if config.ema else None
@@ -236,8 +240,6 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
     from tqdm.auto import tqdm
 
     from dprandp.pipeline.finish import finish_run
-
-    import sys
 
     progress = sys.stderr.isatty() if progress is None else progress
     metrics = MetricsLog(run_dir)
