@@ -226,7 +226,11 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if not args.no_write:
         sys.path.insert(0, str(ROOT))
+        import torch
+
         from bench._report import write_section
+
+        torch.set_num_threads(args.threads)  # so the section's machine stamp shows the threads used
 
         notes = (
             "## DP-SGD step: non-private vs dprandp engine vs Opacus\n\n"

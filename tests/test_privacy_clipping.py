@@ -284,7 +284,7 @@ def test_all_conv_paths_match_loop(monkeypatch, path, views):
         monkeypatch.setattr(layerwise, "_UNFOLD_MIN_FAN_IN", 10**9)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(8)
-    for model in (Convs().double(), tiny_wrn(), Shared().double()):
+    for model in (Convs().double(), tiny_wrn(), Shared().double(), Mixed().double()):
         shape = (3, views, 3, 12, 12) if views else (3, 3, 12, 12)
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
         y = torch.randint(0, 2, (3,), generator=gen)

@@ -10,7 +10,12 @@ mean-over-views loss, i.e. the views are averaged before any clipping.
 
 Convolutions use the grouped-convolution identity: stacking the B samples along channels and
 convolving with ``groups = B`` turns one weight-gradient call into B per-sample ones, with the K
-views as the batch dimension it sums over.
+views as the batch dimension it sums over. Wide convolutions on small maps use im2col + a batched
+matmul, or, when the per-sample gradients would be larger than the Gram matrices of positions,
+"ghost" norms (Goodfellow 2015; Li et al. 2022; Bu et al. 2022): the squared norm of sample i's
+gradient is sum_{t,t'} (g_t . g_t')(a_t . a_t'), and the clipped sum is one ordinary weight gradient
+of the output gradients scaled by the clip factors, so the B per-sample tensors never exist.
+All paths are exact (tests compare each against a loop of batch-size-1 backward passes).
 """
 
 from __future__ import annotations
