@@ -104,24 +104,43 @@ def test_sigkill_mid_phase_then_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(ref_state[k], got_state[k]), k
 
 
-def test_lost_steps_stay_counted_and_the_run_stops_at_the_target(tmp_path):
+def test_lost_steps_stay_counted_and_the_run_stops_at_the_target(tmp_path, monkeypatch):
+    """In process: the 'crash' strikes right after step 8 is in the ledger, before its update,
+    with the last checkpoint at step 5: steps 6-8 were spent but are lost."""
+    from dprandp.pipeline import preset, resume, train
+    from dprandp.pipeline.ledger import PrivacyLedger as Ledger
+
+    torch.set_num_threads(1)
     data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
     target = compute_epsilon([DPPhase(sample_rate=0.25, noise_multiplier=SIGMA, steps=STEPS)], target_delta=1e-5)
     target = float(f"{target:.6f}") + 1e-6  # no slack: exactly the planned steps fit
+    config = preset("demo", dataset="npz", data=data, model="wrn-10-1", prior=prior, batch_size=16, augmult=2,
+                    physical_batch_size=16, steps=STEPS, phase2_steps=PHASE2, noise_multiplier=SIGMA,
+                    target_epsilon=target, checkpoint_every=5, eval_every=0, deterministic_noise=True)
+
+    class Crash(BaseException):
+        pass
+
+    original = Ledger.record_step
+
+    def record_then_crash(self, **kw):
+        rec = original(self, **kw)
+        if kw["step"] == 8:
+            raise Crash
+        return rec
+
+    monkeypatch.setattr(Ledger, "record_step", record_then_crash)
+    with pytest.raises(Crash):
+        train(config, out=tmp_path / "run", progress=False)
+    monkeypatch.setattr(Ledger, "record_step", original)
     run_dir = tmp_path / "run"
-    victim = subprocess.Popen(cli(*train_args(data, prior, run_dir, epsilon=target, checkpoint_every=5)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(victim, run_dir, 8)  # steps 6..8 (at least) are recorded but lost with the process
-    recorded = PrivacyLedger.open(run_dir).steps
-    resumed = subprocess.run(cli("train", "--resume", str(run_dir), "--threads", "1", "--no-progress"),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    assert PrivacyLedger.open(run_dir).steps == 8
+    result = resume(run_dir, progress=False)
     check_files_parse(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = result.summary
     n, eps = ledger_epsilon_reference(run_dir)
-    assert n == STEPS  # the budget held exactly the planned steps; lost ones used part of it
-    assert summary["steps_applied"] == 5 + (STEPS - recorded) < STEPS
+    assert n == STEPS == summary["steps"]  # the budget held exactly the planned steps; lost ones used part
+    assert summary["steps_applied"] == 5 + (STEPS - 8) < STEPS
     assert summary["epsilon"] == pytest.approx(eps, rel=1e-9) and eps <= target
     assert "stopped after" in summary["stopped_early"]
-    report = (run_dir / "report.html").read_text()
-    assert "lost in a crash" in report
+    assert "lost in a crash" in (run_dir / "report.html").read_text()

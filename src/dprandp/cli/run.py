@@ -13,13 +13,13 @@ import click
 from dprandp.cli.train import print_result
 from dprandp.cli.train_options import (
     default_run_dir,
-    echo_log,
+    make_log,
     overrides_from,
     preset_option,
     progress_default,
+    set_threads,
     train_options,
 )
-from dprandp.errors import require
 
 
 @click.command("run")
@@ -35,20 +35,16 @@ from dprandp.errors import require
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="run directory to create (default: runs/<preset>-<time>)")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, or 1 if the machine is busy)")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print summary.json as one JSON object")
 def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_images, no_cache: bool, out,
             overwrite: bool, threads, no_progress: bool, as_json: bool, **flags) -> None:
     """Phases I + II + III end to end; prints test accuracy with (epsilon, delta)."""
-    import torch
-
     from dprandp.pipeline.config import preset as make_preset
     from dprandp.pipeline.run import DEMO_PRETRAIN, RunConfig, run_all
 
-    if threads is not None:
-        require(threads >= 1, f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    log = make_log(set_threads(threads))
     overrides = overrides_from(flags)
     pretrain_config = None
     if prior is not None:
@@ -65,5 +61,5 @@ def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_image
     config = make_preset(preset, prior=prior_path, **overrides)
     progress = progress_default(no_progress)
     result = run_all(RunConfig(train=config, pretrain=pretrain_config, cache=not no_cache),
-                     out=out or default_run_dir(preset), overwrite=overwrite, progress=progress, log=echo_log)
+                     out=out or default_run_dir(preset), overwrite=overwrite, progress=progress, log=log)
     print_result(result.summary, result.run_dir, as_json)

@@ -7,10 +7,11 @@ import click
 from dprandp.cli.options import emit_json
 from dprandp.cli.train_options import (
     default_run_dir,
-    echo_log,
+    make_log,
     overrides_from,
     preset_option,
     progress_default,
+    set_threads,
     train_options,
 )
 from dprandp.errors import InputError, require
@@ -37,7 +38,7 @@ def print_result(summary: dict, run_dir, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="continue the killed run in this directory (other flags are taken from its config.json)")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, or 1 if the machine is busy)")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print summary.json as one JSON object")
 def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, threads, no_progress: bool,
@@ -47,25 +48,21 @@ def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, th
     Example: dprandp train --dataset cifar10 --data ../shared/data/cifar10.npz --prior prior.pt
     --preset cpu --epsilon 1
     """
-    import torch
-
     from dprandp.pipeline import preset as make_preset
     from dprandp.pipeline import resume, train
 
-    if threads is not None:
-        require(threads >= 1, f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    log = make_log(set_threads(threads))
     overrides = overrides_from(flags)
     progress = progress_default(no_progress)
     if resume_dir is not None:
         given = [k for k, v in overrides.items() if v is not None] + (["prior"] if prior else []) + (["out"] if out else [])
         require(not given, f"--resume takes its settings from the run's config.json; drop {', '.join(sorted(given))}")
-        result = resume(resume_dir, progress=progress, log=echo_log)
+        result = resume(resume_dir, progress=progress, log=log)
     else:
         if prior is None:
             raise InputError("--prior is required: a prior file from `dprandp pretrain`, or `none` for DP-SGD from scratch")
         prior_path = None if prior.lower() == "none" else prior
         config = make_preset(preset, prior=prior_path, **overrides)
         result = train(config, out=out or default_run_dir(config.dataset), overwrite=overwrite,
-                       progress=progress, log=echo_log)
+                       progress=progress, log=log)
     print_result(result.summary, result.run_dir, as_json)
