@@ -151,3 +151,21 @@ def test_run_dir_is_never_clobbered(tmp_path):
     with pytest.raises(InputError, match="not a dprandp run"):
         prepare_run_dir(tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_ledger_write_failure_is_one_clear_error_and_keeps_the_records(tmp_path, monkeypatch):
+    import os
+
+    ledger = new(tmp_path)
+    add(ledger, 2)
+    before = (tmp_path / "ledger.jsonl").read_bytes()
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(InputError, match="No space left.*not applied"):
+        add(ledger, 1, start=3)
+    assert ledger.steps == 2  # the failed step is not counted in memory as applied ...
+    monkeypatch.undo()
+    assert (tmp_path / "ledger.jsonl").read_bytes()[: len(before)] == before  # ... and nothing earlier is lost
