@@ -2,9 +2,11 @@
 
 For the layers that hold the parameters (Conv, Linear, GroupNorm, LayerNorm) the gradient of a
 sample's loss with respect to the weights is a contraction of two things an ordinary backward pass
-already has: the layer's input activations and the gradient at its output. We capture the inputs
-with forward hooks, ask autograd for the gradients at the layer outputs only (so the batch weight
-gradients are never computed), and contract per sample. Augmentation multiplicity is free here:
+already has: the layer's input activations and the gradient at its output. Forward hooks record
+the inputs and wrap each output in an identity "tap"; the backward pass is run towards a scalar
+that every tap depends on, so autograd computes output and input gradients but never a batch
+weight gradient, and each tap contracts its output gradient per sample as soon as it arrives and
+lets it go (output gradients of all layers never coexist). Augmentation multiplicity is free here:
 a sample's K views simply join the contraction as more positions, which *is* the gradient of the
 mean-over-views loss, i.e. the views are averaged before any clipping.
 
@@ -54,9 +56,24 @@ def unsupported_modules(model: nn.Module) -> list[str]:
 class _Call:
     module: nn.Module
     prefix: str
-    inputs: torch.Tensor
-    output: torch.Tensor
-    versions: tuple[int, int]
+    inputs: torch.Tensor | None
+    versions: tuple[int]
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output whose backward hands the output gradient to ``consume``."""
+
+    @staticmethod
+    def forward(ctx, output, anchor, index, consume):
+        ctx.index, ctx.consume = index, consume
+        ctx.anchor_meta = (anchor.dtype, anchor.device)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.consume(ctx.index, grad)
+        dtype, device = ctx.anchor_meta
+        return grad, torch.zeros((), dtype=dtype, device=device), None, None
 
 
 @dataclass
@@ -234,13 +251,46 @@ def per_sample_grads(
     b = n // augmult
     calls: list[_Call] = []
     handles = []
+    grads: dict[str, torch.Tensor] = {}
+    deferred: dict[str, Deferred] = {}
+    uses: dict[int, int] = {}
+    # Every tap also depends on this scalar: asking autograd for its gradient runs the backward
+    # through all taps, but through no parameter's weight gradient (those edges are not needed).
+    anchor = torch.zeros((), dtype=views.dtype if views.is_floating_point() else torch.float32,
+                         device=views.device, requires_grad=True)
+
+    def consume(index: int, g: torch.Tensor) -> None:
+        """Called by the backward pass with layer ``index``'s output gradient: contract it now,
+        then drop the recorded input, so output gradients never pile up."""
+        c = calls[index]
+        if c.inputs._version != c.versions[0]:
+            raise InputError(
+                f"an in-place operation modified the input of layer {c.prefix.rstrip('.')}; "
+                "per-sample gradients need out-of-place ops (or method='vmap')"
+            )
+        # A ghost norm is one call's norm: only exact when the layer ran once in this forward.
+        ghost_ok = uses[id(c.module)] == 1
+        for pname, grad in _rule(c.module)(c.module, c.inputs, g, b, ghost_ok).items():
+            key = c.prefix + pname
+            if isinstance(grad, Deferred):
+                deferred[key] = grad
+            else:
+                grads[key] = grads[key] + grad if key in grads else grad
+        c.inputs = None
 
     def make_hook(prefix: str):
         def hook(module, args, output):
-            if not torch.is_grad_enabled():
-                return
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+                return None
             a = args[0]
-            calls.append(_Call(module, prefix, a.detach(), output, (a._version, output._version)))
+            if output.shape[0] != n or a.shape[0] != n:
+                raise InputError(
+                    f"layer {prefix.rstrip('.')} changed the batch dimension ({n} -> {output.shape[0]}); "
+                    "per-sample rules need the batch first: use method='vmap'"
+                )
+            calls.append(_Call(module, prefix, a.detach(), (a._version,)))
+            uses[id(module)] = uses.get(id(module), 0) + 1
+            return _Tap.apply(output, anchor, len(calls) - 1, consume)
 
         return hook
 
@@ -250,6 +300,13 @@ def per_sample_grads(
     try:
         with torch.enable_grad():
             out = model(views)
+    except RuntimeError as err:
+        if "modified inplace" in str(err):
+            raise InputError(
+                "an in-place operation modified the output of a trainable layer; per-sample gradients "
+                "need out-of-place ops (or method='vmap')"
+            ) from err
+        raise
     finally:
         for h in handles:
             h.remove()
@@ -259,36 +316,9 @@ def per_sample_grads(
     sample_losses = losses.detach().reshape(b, augmult).mean(dim=1)
     if not calls:
         raise InputError("no trainable layer took part in the forward pass")
-    for c in calls:
-        if c.output.shape[0] != n or c.inputs.shape[0] != n:
-            raise InputError(
-                f"layer {c.prefix.rstrip('.')} changed the batch dimension ({n} -> {c.output.shape[0]}); "
-                "per-sample rules need the batch first: use method='vmap'"
-            )
     # Sum over samples of the per-sample mean over views: each view's gradient carries 1/K.
     total = losses.sum() / augmult
-    outs = torch.autograd.grad(total, [c.output for c in calls], allow_unused=True)
-    grads: dict[str, torch.Tensor] = {}
-    deferred: dict[str, Deferred] = {}
-    uses: dict[int, int] = {}
-    for c in calls:
-        uses[id(c.module)] = uses.get(id(c.module), 0) + 1
-    for c, g in zip(calls, outs):
-        if (c.inputs._version, c.output._version) != c.versions:
-            raise InputError(
-                f"an in-place operation modified the input or output of layer {c.prefix.rstrip('.')}; "
-                "per-sample gradients need out-of-place ops (or method='vmap')"
-            )
-        if g is None:
-            g = torch.zeros_like(c.output)
-        # A ghost norm is one call's norm: only exact when the layer ran once in this forward.
-        ghost_ok = uses[id(c.module)] == 1
-        for pname, grad in _rule(c.module)(c.module, c.inputs, g, b, ghost_ok).items():
-            key = c.prefix + pname
-            if isinstance(grad, Deferred):
-                deferred[key] = grad
-            else:
-                grads[key] = grads[key] + grad if key in grads else grad
+    torch.autograd.grad(total, anchor, allow_unused=True)
     for name, p in model.named_parameters():
         if p.requires_grad and name not in grads and name not in deferred:  # trainable but unused
             grads[name] = torch.zeros((b, *p.shape), dtype=p.dtype, device=p.device)
