@@ -134,7 +134,7 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
             ("model", f"{config['model']} · prior: {prior}"),
             ("prior provenance", s.get("prior_provenance") or "–"),
             ("validation accuracy", _pct(s.get("val_accuracy"))),
-            ("wall time", f"{s['wall_time_s'] / 60:.1f} min"),
+            ("wall time (Phases II + III)", f"{s['wall_time_s'] / 60:.1f} min"),
             ("noise seeding", "fixed seed (--deterministic-noise): reproducible, NOT for production"
              if s["deterministic_noise"] else "OS entropy (secure default)"),
             ("code version", s["code_version"])]
