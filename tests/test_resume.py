@@ -74,6 +74,7 @@ def ledger_epsilon_reference(run_dir, delta=1e-5):
                                        target_delta=delta)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_phase_then_resume_equals_uninterrupted(tmp_path):
     data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
