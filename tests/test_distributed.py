@@ -258,3 +258,25 @@ def test_only_rank_zero_writes_to_the_real_run_directory(tmp_path):
     main.main_only(said.append)("a")
     other.main_only(said.append)("b")
     assert said == ["a"]
+
+
+@pytest.mark.slow
+def test_torchrun_train_two_processes_one_run_directory(tmp_path):
+    """`torchrun --nproc-per-node 2 -m dprandp train`: one report, one run directory, global batches."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "dprandp", "train", "--preset", "demo", "--prior", "none",
+           "--steps", "3", "--eval-every", "0", "--no-progress", "--json", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    reports = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # rank 1 is silent
+    summary = json.loads(reports[0])
+    steps = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s.get("kind") == "step"]
+    assert len(steps) == 3 and summary["steps"] == 3
+    # metrics hold the realised *global* batch (summed over ranks): Binomial(N, q) with N q = 256,
+    # far from the ~128 of one rank's shard
+    sizes = [json.loads(line)["batch_size"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "step"]
+    assert len(sizes) == 3 and all(200 < s < 320 for s in sizes), sizes

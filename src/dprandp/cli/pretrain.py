@@ -15,7 +15,7 @@ from dprandp.errors import InputError
 @click.option("--images", "images", type=click.Path(dir_okay=False), default=None,
               help="uint8 (N, H, W, 3) .npy image store (e.g. from `dprandp generate`).")
 @click.option("--process", default=None, help="Generate images on the fly from this random process.")
-@click.option("--num", type=click.IntRange(min=2), default=None, help="Number of images to generate (with --process).")
+@click.option("--num", "--num-images", "num", type=click.IntRange(min=2), default=None, help="Number of images to generate (with --process).")
 @click.option("--size", type=click.IntRange(min=8), default=None, help="Generated image size in px (with --process; default: preset).")
 @click.option("--preset", "preset_name", type=click.Choice(["paper", "cpu"]), default="paper", show_default=True,
               help="paper: SPEC.md exactly (WRN-16-4, 200 epochs); cpu: WRN-16-1 sized for a 2-core machine.")
@@ -69,6 +69,10 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
 
     result = pretrain(config, source, out=out, resume=resume, overwrite=overwrite, device=device,
                       progress=progress, log=lambda msg: click.echo(msg, err=True))
+    from dprandp.distributed import init_distributed
+
+    if not init_distributed().is_main:  # under torchrun only rank 0 reports
+        return
     emit_json({
         "prior": str(result.prior_path),
         "model": result.config.model,

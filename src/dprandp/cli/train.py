@@ -65,4 +65,7 @@ def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, th
         config = make_preset(preset, prior=prior_path, **overrides)
         result = train(config, out=out or default_run_dir(config.dataset), overwrite=overwrite,
                        progress=progress, log=log)
-    print_result(result.summary, result.run_dir, as_json)
+    from dprandp.distributed import init_distributed
+
+    if init_distributed().is_main:  # under torchrun only rank 0 reports
+        print_result(result.summary, result.run_dir, as_json)

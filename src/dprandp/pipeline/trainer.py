@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from dprandp.accounting import DPPhase, calibrate_noise, compute_epsilon
 from dprandp.augment import random_crop_flip
 from dprandp.data import ImageData, load_dataset, to_float
+from dprandp.distributed import broadcast_module, distribute_generators, init_distributed, rank_run_dir, shard_sampler
 from dprandp.errors import InputError, require
 from dprandp.models import create_model
 from dprandp.pipeline import state as st
@@ -43,7 +44,7 @@ from dprandp.pipeline.rundir import (
     prepare_run_dir,
     read_json,
 )
-from dprandp.privacy import DPSGD, EMA, DPConfig, PoissonSampler
+from dprandp.privacy import DPSGD, EMA, DPConfig
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,9 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
     Everything that can be refused (data, prior, budget, delta) is checked before the directory
     is created, so a refused run writes nothing.
     """
-    log = log or (lambda msg: None)
+    ctx = init_distributed(device="cpu")  # torchrun (gloo; this loop runs on the CPU): rank 0 writes
+    log = ctx.main_only(log or (lambda msg: None))  # `out`, the other ranks a private scratch directory
+    out = rank_run_dir(out, ctx)
     t0 = time.time()
     check_run_dir(out, overwrite=overwrite)
     if data is None:
@@ -180,7 +183,7 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
         "code_version": code_version()})
     ledger = PrivacyLedger.create(run_dir, target_epsilon=config.target_epsilon, target_delta=config.target_delta,
                                   accountant=config.accountant, deterministic_noise=config.deterministic_noise)
-    gens = st.make_generators(config.seed, deterministic_noise=config.deterministic_noise)
+    gens = distribute_generators(st.make_generators(config.seed, deterministic_noise=config.deterministic_noise), ctx)
     ema = EMA(model) if config.ema else None
     log(f"{data.describe()}; q = {plan.sample_rate:.5g}, sigma = {plan.noise_multiplier:.4f}, "
         f"{config.steps} steps (II: {config.phase2_steps}, III: {config.phase3_steps}), "
@@ -200,6 +203,9 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
     run_dir = Path(run_dir)
     require(run_dir.is_dir(), f"run directory {run_dir} does not exist")
     require(not (run_dir / "summary.json").exists(), f"run {run_dir} is already complete (summary.json exists)")
+    ctx = init_distributed(device="cpu")  # torchrun: other ranks resume from a private copy of the run dir
+    log = ctx.main_only(log)
+    run_dir = rank_run_dir(run_dir, ctx, copy=True)
     saved = read_json(run_dir / "config.json", "run config")
     try:
         config = TrainConfig.from_dict(saved["train"])
@@ -224,6 +230,7 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
     gens = st.make_generators(config.seed, deterministic_noise=config.deterministic_noise)
     for name, g_state in ckpt["generators"].items():
         gens[name].set_state(g_state)
+    distribute_generators(gens, ctx)
     start = int(ckpt["step"])
     lost = ledger.steps - start
     ledger.record_resume(from_step=start)
@@ -242,11 +249,14 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
     from dprandp.pipeline.finish import finish_run
 
     progress = sys.stderr.isatty() if progress is None else progress
+    ctx = init_distributed(device="cpu")
+    progress = progress and ctx.is_main
+    broadcast_module(model)
     metrics = MetricsLog(run_dir)
     dp_config = DPConfig.for_dataset(num_samples=plan.num_train, batch_size=config.batch_size,
                                      noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
                                      augmult=config.augmult, physical_batch_size=config.physical_batch_size)
-    sampler = PoissonSampler(num_samples=plan.num_train, sample_rate=plan.sample_rate, generator=gens["sampling"])
+    sampler = shard_sampler(num_samples=plan.num_train, sample_rate=plan.sample_rate, ctx=ctx, generator=gens["sampling"])
     x_train = torch.from_numpy(data.x_train)
     y_train = torch.from_numpy(data.y_train)
     meter = _AccuracyMeter()
@@ -269,7 +279,8 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
             if optimizer_state is not None:
                 optimizer.load_state_dict(optimizer_state)
                 optimizer_state = None
-            engine = DPSGD(model, optimizer, config=dp_config, noise_generator=gens["noise"], loss_fn=meter)
+            engine = DPSGD(model, optimizer, config=dp_config, noise_generator=gens["noise"], loss_fn=meter,
+                           all_reduce=ctx.all_reduce)
         if not ledger.allows_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier):
             eps_next = ledger.epsilon_after_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier)
             stopped = (f"stopped after {t} of {config.steps} steps: one more step would spend epsilon = "

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dprandp import distributed as dist
 from dprandp.errors import InputError, require
 from dprandp.models import ProjectionHead, create_model
 from dprandp.pretrain import checkpoint as ckpt
@@ -100,8 +101,11 @@ def pretrain(
     state_file = ckpt.state_path(out)
     log = log or (lambda msg: None)
     progress = sys.stderr.isatty() if progress is None else progress
-    device = torch.device(device) if device is not None else default_device()
+    ctx = dist.init_distributed(device=device)  # torchrun: data parallel, rank 0 writes
+    device, log, progress = ctx.device, ctx.main_only(log), progress and ctx.is_main
     config = replace(config, num_images=len(source), image_size=source.image_size)
+    require(config.batch_size % ctx.world_size == 0,
+            f"batch size {config.batch_size} must be divisible by the number of processes {ctx.world_size}")
     require(config.batch_size <= len(source),
             f"batch size {config.batch_size} is larger than the {len(source)} images available")
     if (out.exists() or state_file.exists()) and not (resume or overwrite):
@@ -141,6 +145,8 @@ def pretrain(
         return PretrainResult(out, config, done, list(meta["provenance"].get("epoch_losses", [])),
                               float(meta["provenance"].get("train_seconds", 0.0)))
 
+    dist.broadcast_module(model)
+    dist.fork_generator(aug_gen, ctx.rank)  # each rank augments its own slice with its own stream
     view_cfg = ViewConfig(size=config.crop_size)
     steps = len(source) // config.batch_size
     end_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
@@ -156,17 +162,18 @@ def pretrain(
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for step in bar:
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            idx = dist.shard_batch(order[step * config.batch_size:(step + 1) * config.batch_size], ctx)
             v1, v2 = two_views(source.batch(idx), aug_gen, view_cfg, device=device)
             x = torch.cat([v1, v2])
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
                 z = model(x)
-            z1, z2 = z.float().chunk(2)
+            z1, z2 = (dist.gather_with_grad(v) for v in z.float().chunk(2))  # loss over the global batch
             loss = contrastive_loss(config, z1, z2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.all_reduce_gradients(model)
             optimizer.step()
             total += loss.detach().double()
             if progress and (step % 5 == 0 or step == steps - 1):
@@ -180,15 +187,17 @@ def pretrain(
         mean_loss = float(total.item() / steps)
         epoch_losses.append(mean_loss)
         done = epoch + 1
-        _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, done,
-              train_seconds, epoch_losses)
+        if ctx.is_main:
+            _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, done,
+                  train_seconds, epoch_losses)
         log(f"epoch {done}/{config.epochs}: loss {mean_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.4g}, "
             f"{steps * config.batch_size / seconds:.1f} img/s, {seconds:.0f} s")
         if not np.isfinite(mean_loss):
             raise InputError(f"loss became {mean_loss} at epoch {done}; lower the learning rate")
 
+    dist.barrier()  # rank 0's prior is on disk before any rank returns (and, say, loads it)
     done = max(start_epoch, end_epoch)
-    if done >= config.epochs and not keep_state:
+    if done >= config.epochs and not keep_state and ctx.is_main:
         state_file.unlink(missing_ok=True)
     elapsed = time.perf_counter() - t_call
     return PretrainResult(out, config, done, epoch_losses, train_seconds,
