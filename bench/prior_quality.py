@@ -95,6 +95,8 @@ def throughput(preset_name: str, batch: int, steps: int, threads: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prior", default="/work/cache/prior-cpu.pt")
+    ap.add_argument("--compare", action="append", default=[], metavar="PRIOR",
+                    help="another prior of the same architecture to probe in the same run (repeatable)")
     ap.add_argument("--cifar", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10.npz"))
     ap.add_argument("--train", type=int, default=10_000)
     ap.add_argument("--test", type=int, default=2_000)
@@ -112,10 +114,12 @@ def main() -> None:
     x_tr, y_tr, x_te, y_te = load_cifar(Path(args.cifar), args.train, args.test, args.seed)
 
     rows = []
-    for label, use_prior in (("random init (the prior's own initialisation)", False), ("Phase I prior", True)):
+    encoders = [("random init (the prior's own initialisation)", None), (f"Phase I prior `{args.prior}`", (trunk, meta))]
+    encoders += [(f"Phase I prior `{p}` (compared)", p) for p in args.compare]
+    for label, prior in encoders:
         model = create_model(name, num_classes=10, seed=seed)
-        if use_prior:
-            apply_prior(model, (trunk, meta))
+        if prior is not None:
+            apply_prior(model, prior)
         t = time.perf_counter()
         p_tr, g_tr = features(model, x_tr)
         p_te, g_te = features(model, x_te)
@@ -130,7 +134,8 @@ def main() -> None:
         f"subsample: {args.train} train / {args.test} test images (seeded permutation {args.seed}). "
         f"Encoder `{name}`; prior `{args.prior}` = {prov.get('process')} process, "
         f"{prov.get('num_images')} images at {prov.get('image_size')} px, {prov.get('epochs_done')}/{prov.get('epochs')} "
-        f"epochs, seed {seed}, final loss {prov['epoch_losses'][-1]:.3f}, code {prov.get('code_version')}.",
+        f"epochs, seed {seed}, lr {meta['pretrain_config']['lr_per_256']} per 256, final loss "
+        f"{prov['epoch_losses'][-1]:.3f}, code {prov.get('code_version')}.",
         "",
         f"| encoder | probe on pooled features ({dim}-d, what Phase II trains on) | probe on 2x2-pooled trunk ({4 * dim}-d) |",
         "| --- | --- | --- |",
