@@ -59,6 +59,7 @@ TRAIN_FLAGS = [
     ("--lr-phase2", "lr_phase2", dict(type=float, callback=_positive("--lr-phase2"), help="SGD learning rate of Phase II")),
     ("--lr-phase3", "lr_phase3", dict(type=float, callback=_positive("--lr-phase3"), help="SGD learning rate of Phase III")),
     ("--momentum", "momentum", dict(type=float, callback=_positive("--momentum", allow_zero=True), help="SGD momentum (paper: 0)")),
+    ("--device", "device", dict(type=str, help="auto (CUDA if available; default), cpu, cuda or cuda:N")),
     ("--physical-batch-size", "physical_batch_size", dict(type=int, callback=_int_at_least("--physical-batch-size", 1), help="samples per forward pass (memory only)")),
     ("--seed", "seed", dict(type=int, help="seed of model init and augmentation (and noise with --deterministic-noise)")),
     ("--checkpoint-every", "checkpoint_every", dict(type=int, callback=_int_at_least("--checkpoint-every", 1), help="steps between resumable checkpoints")),

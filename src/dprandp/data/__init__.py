@@ -55,8 +55,8 @@ def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> normalised float NCHW (the model's input)."""
     x = torch.as_tensor(images)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(NORMALIZE_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(NORMALIZE_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(NORMALIZE_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZE_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

@@ -59,6 +59,7 @@ class TrainConfig:
     momentum: float = 0.0
     ema: bool = True
     # engineering
+    device: str = "auto"  # "auto" (CUDA when available, single process), "cpu", "cuda" or "cuda:N"
     physical_batch_size: int = 128
     seed: int = 0
     deterministic_noise: bool = False
@@ -96,6 +97,8 @@ class TrainConfig:
         if self.noise_multiplier is not None:
             pos_real("noise_multiplier")
         require(self.accountant in ("pld", "rdp"), f"unknown accountant {self.accountant!r}")
+        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @property
     def phase3_steps(self) -> int:

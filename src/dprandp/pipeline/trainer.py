@@ -84,6 +84,19 @@ def make_plan(config: TrainConfig, num_train: int) -> Plan:
     return Plan(num_train=n, sample_rate=q, noise_multiplier=sigma, planned_epsilon=eps)
 
 
+def resolve_device(name: str, *, world_size: int = 1) -> torch.device:
+    """The torch device of a run: ``auto`` is CUDA when available (single process), else the CPU.
+
+    Multi-process runs use the CPU (gloo) for now; asking for CUDA there is refused plainly.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and world_size == 1 else "cpu")
+    if name.startswith("cuda"):
+        require(torch.cuda.is_available(), f"--device {name}: CUDA is not available on this machine")
+        require(world_size == 1, "multi-process training runs on the CPU (gloo) for now; use --device cpu")
+    return torch.device(name)
+
+
 def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     """The classifier, initialised from ``--seed``, with the prior's trunk loaded if any."""
     model = create_model(config.model, num_classes=num_classes, seed=st.derive_seed(config.seed, "init"))
@@ -101,8 +114,9 @@ def accuracy(model: torch.nn.Module, images, labels, *, batch_size: int = 1024) 
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
-        logits = model(to_float(images[i:i + batch_size]))
-        correct += int((logits.argmax(1) == torch.as_tensor(labels[i:i + batch_size])).sum())
+        device = next(model.parameters()).device
+        logits = model(to_float(images[i:i + batch_size]).to(device))
+        correct += int((logits.argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum())
     model.train(was_training)
     return correct / len(images)
 
@@ -171,7 +185,7 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
     check_run_dir(out, overwrite=overwrite)
     if data is None:
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
-    model = build_model(config, data.num_classes)
+    model = build_model(config, data.num_classes).to(resolve_device(config.device, world_size=_world_size()))
     plan = make_plan(config, data.num_train)
     run_dir = prepare_run_dir(out, overwrite=overwrite)
     cfg = config.to_dict()
@@ -224,6 +238,7 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
                 noise_multiplier=float(derived["noise_multiplier"]), planned_epsilon=float(derived["planned_epsilon"]))
     model = create_model(config.model, num_classes=data.num_classes)
     model.load_state_dict(ckpt["model"])
+    model.to(resolve_device(config.device, world_size=ctx.world_size))
     ema = EMA(model) if config.ema else None
     if ema is not None:
         ema.load_state_dict(ckpt["ema"])
@@ -257,12 +272,14 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
                                      noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
                                      augmult=config.augmult, physical_batch_size=config.physical_batch_size)
     sampler = shard_sampler(num_samples=plan.num_train, sample_rate=plan.sample_rate, ctx=ctx, generator=gens["sampling"])
-    x_train = torch.from_numpy(data.x_train)
-    y_train = torch.from_numpy(data.y_train)
+    device = next(model.parameters()).device
+    x_train = torch.from_numpy(data.x_train).to(device)
+    y_train = torch.from_numpy(data.y_train).to(device)
     meter = _AccuracyMeter()
-    eval_model = create_model(config.model, num_classes=data.num_classes)
+    eval_model = create_model(config.model, num_classes=data.num_classes).to(device)
 
     def make_views(idx):
+        idx = idx.to(device)
         views = random_crop_flip(to_float(x_train[idx]), augmult=config.augmult, generator=gens["augment"])
         return views, y_train[idx]
 
@@ -336,6 +353,12 @@ def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step
     if data.x_val is not None:
         rec["val_accuracy"] = accuracy(eval_model, data.x_val, data.y_val, batch_size=config.eval_batch_size)
     return rec
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _clean(rec: dict) -> dict:
