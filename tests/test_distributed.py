@@ -62,13 +62,6 @@ def ranks(tmp_path_factory):
     return launch(tmp_path_factory.mktemp("dist"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on a shared 2-core machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def data():

@@ -13,13 +13,6 @@ from dprandp.pretrain.views import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine's 2 cores are shared: one thread avoids OpenMP stalls under contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _unit(n, d, seed):

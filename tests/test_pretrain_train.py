@@ -12,13 +12,6 @@ from dprandp.pretrain.checkpoint import state_path
 from dprandp.pretrain.loss import align_uniform_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine's 2 cores are shared: one thread avoids OpenMP stalls under contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 TINY = dict(model="wrn-10-1", hidden=32, out_dim=16, head_groups=8, batch_size=16, lr_per_256=0.5)
 

@@ -14,13 +14,6 @@ from dprandp.privacy import clipped_grad_sum
 METHODS = ["layerwise", "vmap"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threading only adds overhead, and the cores are shared with other test workers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_wrn(seed: int = 0) -> nn.Module:

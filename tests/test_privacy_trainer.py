@@ -13,13 +13,6 @@ from dprandp.models import create_model
 from dprandp.privacy import DPSGD, EMA, DPConfig, default_decay
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threading only adds overhead, and the cores are shared with other test workers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(seed=0):

@@ -18,12 +18,6 @@ ALL = ["stylegan-oriented", "stylegan-highfreq", "stylegan-random", "dead-leaves
        "dead-leaves-oriented", "dead-leaves-shapes", "spectrum"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel_err(a, b):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dprandp.accounting import PLD_COARSE, DPPhase, compute_epsilon
 from dprandp.errors import InputError, require
+from dprandp.pipeline.rundir import fsync_dir as _fsync_dir
 
 LEDGER_NAME = "ledger.jsonl"
 
@@ -52,19 +53,6 @@ def group_phases(records: list[StepRecord]) -> list[DPPhase]:
         else:
             phases.append(DPPhase(sample_rate=r.sample_rate, noise_multiplier=r.noise_multiplier, steps=1))
     return phases
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 class PrivacyLedger:
