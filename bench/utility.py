@@ -129,7 +129,9 @@ def render(results: list[dict], note: str) -> str:
 
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["arm"], r["epsilon_target"]), []).append(r)
+        cfg = r.get("config") or {}
+        key = (r["arm"], r["epsilon_target"], r["steps"], cfg.get("batch_size"), cfg.get("augmult"))
+        groups.setdefault(key, []).append(r)
     names = {"scratch": "(a) DP-SGD from scratch", "lp": "(b) DP-RandP without Phase III",
              "randp": "(c) DP-RandP (I + II + III)", "nonprivate": "non-private ceiling"}
     lines = [
@@ -141,7 +143,7 @@ def render(results: list[dict], note: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = ["scratch", "lp", "randp", "nonprivate"]
-    for (arm, eps), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
+    for (arm, eps, *_), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]), kv[0][2])):
         paper = PAPER.get(arm, {}).get(eps)
         eps_s = "∞" if eps == float("inf") else f"{eps:g}"
         spent = "∞" if rs[0]["epsilon"] == float("inf") else f"{max(r['epsilon'] for r in rs):.3f}"
@@ -176,6 +178,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the runs append to")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md (smoke tests)")
     a = p.parse_args()
+    RESULTS = a.results
 
     if not a.table_only:
         import torch
@@ -199,7 +202,8 @@ def main() -> None:
                         fh.write(json.dumps(r) + "\n")
     if a.no_write:
         return
-    write_section("utility", render(load_results(), a.note), command="python bench/utility.py " + " ".join(sys.argv[1:]))
+    shown = [arg for arg in sys.argv[1:] if arg not in (a.note, "--note")]
+    write_section("utility", render(load_results(), a.note), command="python bench/utility.py " + " ".join(shown))
 
 
 if __name__ == "__main__":
