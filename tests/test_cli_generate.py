@@ -47,7 +47,8 @@ def test_store_is_the_rendered_images_and_workers_do_not_change_bytes(tmp_path, 
     from PIL import Image
 
     assert Image.open(grid).size == (8 * 18 - 2, 8 * 18 - 2)  # 8 x 8 images, 2 px gaps
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "grid.png"]  # no temp left
+    # no temp file left; each store has its description sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "a.npy.json", "b.npy", "b.npy.json", "grid.png"]
 
 
 def test_existing_output_needs_overwrite(tmp_path, capsys):
@@ -116,3 +117,15 @@ def test_real_entry_point(tmp_path):
                         "--size", "16", "--out", str(out), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert '"images_per_s"' in r.stdout and np.load(out).shape == (4, 16, 16, 3)
+
+
+
+def test_store_has_a_sidecar_that_pretrain_reads(tmp_path):
+    from dprandp.pretrain.data import open_store
+    from dprandp.processes.store import GenerateRequest, generate, sidecar_path
+
+    out = tmp_path / "s.npy"
+    generate(GenerateRequest(process="dead-leaves-squares", num=3, size=16, seed=7, out=out), progress=False)
+    assert sidecar_path(out).exists()
+    meta = open_store(out).description["store_meta"]
+    assert meta["process"] == "dead-leaves-squares" and meta["seed"] == 7 and meta["num_images"] == 3

@@ -11,6 +11,7 @@ are the same for any number of workers. Everything a user can get wrong is check
 from __future__ import annotations
 
 import multiprocessing as mp
+import json
 import os
 import shutil
 import sys
@@ -54,6 +55,12 @@ def _check_writable(path: Path, what: str, overwrite: bool) -> None:
         require(os.access(path, os.W_OK), f"{what} {path} exists and is not writable")
 
 
+def sidecar_path(out: Path) -> Path:
+    """``OUT.npy.json``: what the store holds (process, seed, size, count), read by ``dprandp pretrain``
+    so that a prior records where its images came from."""
+    return out.with_name(out.name + ".json")
+
+
 def check_request(req: GenerateRequest) -> None:
     """Raise :class:`InputError` for anything that would make the run fail; renders nothing."""
     proc = get_process(req.process)
@@ -63,6 +70,7 @@ def check_request(req: GenerateRequest) -> None:
     require(isinstance(req.workers, int) and req.workers >= 1, f"--workers must be an integer >= 1, got {req.workers}")
     require(req.out.suffix == ".npy", f"--out must end in .npy, got {req.out}")
     _check_writable(req.out, "output", req.overwrite)
+    _check_writable(sidecar_path(req.out), "store description", req.overwrite)
     if req.grid is not None:
         require(req.grid.suffix.lower() == ".png", f"--grid must end in .png, got {req.grid}")
         _check_writable(req.grid, "grid", req.overwrite)
@@ -137,6 +145,11 @@ def generate(req: GenerateRequest, *, progress: bool | None = None) -> dict:
         first = np.array(store[:CHUNK])
         del store
         os.replace(tmp, req.out)
+        meta = {"process": req.process, "num_images": req.num, "size": req.size, "seed": req.seed,
+                "generator": "dprandp generate"}
+        meta_tmp = req.out.with_name(f".{req.out.name}.{os.getpid()}.tmp.json")
+        meta_tmp.write_text(json.dumps(meta) + "\n")
+        os.replace(meta_tmp, sidecar_path(req.out))
     finally:
         torch.set_num_threads(threads)
         if pool is not None:
