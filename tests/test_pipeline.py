@@ -149,3 +149,14 @@ def test_paper_sigma_matches_spec():
     assert plan.sample_rate == 4096 / 50_000
     assert plan.noise_multiplier == pytest.approx(9.19, rel=0.01)
     assert plan.planned_epsilon <= 1.0
+
+
+def test_sample_rate_is_batch_over_n_from_the_config_not_from_a_loader():
+    """Sharp edge: q = B / N. With N = 64 and B = 12, a loader-derived 1/len(loader) would be 1/6."""
+    from dprandp.pipeline import make_plan
+
+    config = preset("demo", prior=None, batch_size=12, noise_multiplier=5.0, target_epsilon=10.0, steps=6)
+    plan = make_plan(config, 64)
+    assert plan.sample_rate == 12 / 64
+    assert plan.sample_rate != 1 / -(-64 // 12)
+    assert all(p.sample_rate == 12 / 64 for p in plan.phases(config))
