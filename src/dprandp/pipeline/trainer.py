@@ -30,7 +30,13 @@ from torch.nn import functional as F
 from dprandp.accounting import DPPhase, calibrate_noise, compute_epsilon
 from dprandp.augment import random_crop_flip
 from dprandp.data import ImageData, load_dataset, to_float
-from dprandp.distributed import broadcast_module, distribute_generators, init_distributed, rank_run_dir, shard_sampler
+from dprandp.distributed import (
+    broadcast_module,
+    distribute_generators,
+    init_distributed,
+    rank_run_dir,
+    shard_sampler,
+)
 from dprandp.errors import InputError, require
 from dprandp.models import create_model
 from dprandp.pipeline import state as st
@@ -84,17 +90,36 @@ def make_plan(config: TrainConfig, num_train: int) -> Plan:
     return Plan(num_train=n, sample_rate=q, noise_multiplier=sigma, planned_epsilon=eps)
 
 
-def resolve_device(name: str, *, world_size: int = 1) -> torch.device:
-    """The torch device of a run: ``auto`` is CUDA when available (single process), else the CPU.
+def resolve_device(name: str, *, world_size: int = 1, local_rank: int = 0) -> torch.device:
+    """The torch device of a run: ``auto`` is CUDA when available, else the CPU.
 
-    Multi-process runs use the CPU (gloo) for now; asking for CUDA there is refused plainly.
+    Under torchrun (``world_size > 1``) each process computes on ``cuda:LOCAL_RANK`` (one GPU per
+    process, NCCL collectives) or on the CPU (gloo); a fixed ``cuda:N`` is refused there because
+    every rank would pick the same GPU.
     """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() and world_size == 1 else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         require(torch.cuda.is_available(), f"--device {name}: CUDA is not available on this machine")
-        require(world_size == 1, "multi-process training runs on the CPU (gloo) for now; use --device cpu")
+        if world_size > 1:
+            require(name == "cuda", f"--device {name} under torchrun: each process uses cuda:LOCAL_RANK; "
+                    "pass --device cuda (or auto)")
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if name == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
+
+
+def _run_device(config: TrainConfig):
+    """(device, distributed context): the process group is joined with the backend of the device."""
+    import os
+
+    device = resolve_device(config.device, world_size=_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = init_distributed(device=device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # per-sample norms tolerate TF32 (tests/test_cuda.py)
+        torch.backends.cudnn.allow_tf32 = True
+    return device, ctx
 
 
 def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
@@ -178,14 +203,14 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
     Everything that can be refused (data, prior, budget, delta) is checked before the directory
     is created, so a refused run writes nothing.
     """
-    ctx = init_distributed(device="cpu")  # torchrun (gloo; this loop runs on the CPU): rank 0 writes
-    log = ctx.main_only(log or (lambda msg: None))  # `out`, the other ranks a private scratch directory
+    device, ctx = _run_device(config)  # torchrun: nccl on GPUs, gloo on CPUs; rank 0 writes `out`,
+    log = ctx.main_only(log or (lambda msg: None))  # the other ranks a private scratch directory
     out = rank_run_dir(out, ctx)
     t0 = time.time()
     check_run_dir(out, overwrite=overwrite)
     if data is None:
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
-    model = build_model(config, data.num_classes).to(resolve_device(config.device, world_size=_world_size()))
+    model = build_model(config, data.num_classes).to(device)
     plan = make_plan(config, data.num_train)
     run_dir = prepare_run_dir(out, overwrite=overwrite)
     cfg = config.to_dict()
@@ -217,14 +242,14 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
     run_dir = Path(run_dir)
     require(run_dir.is_dir(), f"run directory {run_dir} does not exist")
     require(not (run_dir / "summary.json").exists(), f"run {run_dir} is already complete (summary.json exists)")
-    ctx = init_distributed(device="cpu")  # torchrun: other ranks resume from a private copy of the run dir
-    log = ctx.main_only(log)
-    run_dir = rank_run_dir(run_dir, ctx, copy=True)
     saved = read_json(run_dir / "config.json", "run config")
     try:
         config = TrainConfig.from_dict(saved["train"])
     except (KeyError, TypeError) as exc:
         raise InputError(f"run config {run_dir / 'config.json'} is not a dprandp training config ({exc})") from None
+    device, ctx = _run_device(config)  # torchrun: other ranks resume from a private copy of the run dir
+    log = ctx.main_only(log)
+    run_dir = rank_run_dir(run_dir, ctx, copy=True)
     ckpt = st.load_checkpoint(run_dir)
     ledger = PrivacyLedger.open(run_dir)
     if data is None:
@@ -238,7 +263,7 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
                 noise_multiplier=float(derived["noise_multiplier"]), planned_epsilon=float(derived["planned_epsilon"]))
     model = create_model(config.model, num_classes=data.num_classes)
     model.load_state_dict(ckpt["model"])
-    model.to(resolve_device(config.device, world_size=ctx.world_size))
+    model.to(device)
     ema = EMA(model) if config.ema else None
     if ema is not None:
         ema.load_state_dict(ckpt["ema"])
@@ -264,7 +289,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
     from dprandp.pipeline.finish import finish_run
 
     progress = sys.stderr.isatty() if progress is None else progress
-    ctx = init_distributed(device="cpu")
+    ctx = init_distributed()
     progress = progress and ctx.is_main
     broadcast_module(model)
     metrics = MetricsLog(run_dir)
