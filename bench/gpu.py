@@ -207,9 +207,9 @@ def _dp_timing(model_name, phase, *, n, b, k, p, steps, device, nonprivate):
 def section_dp_steps(res, args, device):
     import torch
 
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # as the trainer runs DP-SGD: full float32 (TF32 off, also for cuDNN)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     if args.smoke:
         plan = [("wrn-10-1", "II", 64, 2, 32, 1), ("wrn-10-1", "III", 64, 2, 32, 1)]
@@ -300,22 +300,29 @@ def write_section(result: dict, command: str) -> None:
             lines += ["", f"Paper Phase I (105k images x 200 epochs, batch 256) extrapolated: "
                           f"**{pt['paper_run_hours_at_batch_256']:.2f} GPU-hours**."]
         lines.append("")
-    dp = result.get("dp_steps", {})
-    if dp.get("rows"):
-        lines += ["Paper-preset DP-SGD steps (WRN-16-4, Poisson B = 4096 of N = 50,000, K = 16, sigma = 9.3, "
-                  "TF32; median of the timed steps after one warm-up):", "",
-                  "| phase | physical batch | s / step | views/s | non-private s / step | DP / non-private | peak GiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in dp["rows"]:
+    dp_rows = []
+    for key in ("dp_steps", "dp_steps_fp32"):
+        for r in result.get(key, {}).get("rows", []):
+            dp_rows.append((result[key].get("precision", "fp32"), r))
+    if dp_rows:
+        lines += ["Paper-preset DP-SGD steps (WRN-16-4, Poisson B = 4096 of N = 50,000, K = 16, sigma = 9.3; "
+                  "median of the timed steps after one warm-up; the non-private step runs the same views through "
+                  "forward + backward of the mean loss at the same precision):", "",
+                  "| phase | precision | physical batch | s / step | views/s | non-private s / step | "
+                  "DP / non-private | peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for prec, r in dp_rows:
             if "error" in r:
-                lines.append(f"| {r['phase']} | {r['physical']} | failed: {r['error'][:80]} | | | | |")
+                lines.append(f"| {r['phase']} | {prec} | {r['physical']} | failed: {r['error'][:80]} | | | | |")
                 continue
-            lines.append(f"| {r['phase']} | {r['physical']} | {r['seconds_per_step']:.2f} | {r['views_per_s']:.0f} | "
-                         f"{r.get('nonprivate_seconds_per_step', float('nan')):.2f} | "
+            lines.append(f"| {r['phase']} | {prec} | {r['physical']} | {r['seconds_per_step']:.2f} | "
+                         f"{r['views_per_s']:.0f} | {r.get('nonprivate_seconds_per_step', float('nan')):.2f} | "
                          f"{r.get('dp_over_nonprivate', float('nan')):.2f}x | {r.get('peak_memory_gib', float('nan')):.1f} |")
-        if "paper_run_gpu_hours" in dp:
-            lines += ["", f"Phases II + III of the paper (96 + 779 steps) extrapolated: **{dp['paper_run_gpu_hours']:.2f} "
-                          "GPU-hours** on this H200, against roughly 20 A100-hours for the reference implementation."]
+        for key in ("dp_steps", "dp_steps_fp32"):
+            dp = result.get(key, {})
+            if "paper_run_gpu_hours" in dp:
+                lines += ["", f"Phases II + III of the paper (96 + 779 steps) extrapolated, {dp.get('precision', 'fp32')}: "
+                              f"**{dp['paper_run_gpu_hours']:.2f} GPU-hours** on this H200 (reference implementation: "
+                              "roughly 20 A100-hours)."]
         lines.append("")
     pr = result.get("priors", {})
     if pr.get("rows"):
@@ -325,6 +332,10 @@ def write_section(result: dict, command: str) -> None:
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['model']} | {r['hidden']} | {r['batch']} | {r['epochs']} | {r['seconds']:.0f} | "
                   f"{r['images_per_s']:.0f} | {r['losses'][0]:.3f} / {r['losses'][-1]:.3f} |" for r in pr["rows"]]
+    if result.get("notes"):
+        lines += [""] + [f"- {n}" for n in result["notes"]]
+    lines += ["", "(The Machine line below is where this section was written from `gpu.json`; every number above "
+                  "was measured on the GPU machine.)"]
     write("gpu", "\n".join(lines), command=command)
 
 

@@ -34,10 +34,7 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.mark.parametrize("method", ["layerwise", "vmap"])
-@pytest.mark.parametrize("tf32", [False, True])
-def test_clipped_sum_on_cuda_matches_float64_loop(method, tf32, no_tf32):
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+def _clipped_sum_error(method: str) -> float:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 3, 3, 32, 32, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 5, (6,), generator=gen)
@@ -45,10 +42,26 @@ def test_clipped_sum_on_cuda_matches_float64_loop(method, tf32, no_tf32):
     ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 1.0)
     cuda_model = create_model("wrn-10-1", num_classes=5, seed=0).cuda()
     g, norms = clipped_grad_sum(cuda_model, x.float().cuda(), y.cuda(), max_grad_norm=1.0, method=method)
-    tol = 2e-3 if tf32 else 1e-4
-    assert rel_err(norms, ref_norms) < tol
-    for n in ref_sum:
-        assert rel_err(g[n], ref_sum[n]) < tol, n
+    return max([rel_err(norms, ref_norms)] + [rel_err(g[n], ref_sum[n]) for n in ref_sum])
+
+
+@pytest.mark.parametrize("method", ["layerwise", "vmap"])
+def test_clipped_sum_on_cuda_matches_float64_loop(method, no_tf32):
+    assert _clipped_sum_error(method) < 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8, reason="no TF32 before Ampere")
+def test_tf32_is_off_for_dp_training(no_tf32):
+    """TF32 puts per-sample gradients ~1e-2 off (seen on an H200); the training device setup
+    switches it off, also for cuDNN, whose default is on."""
+    from dprandp.pipeline import preset
+    from dprandp.pipeline.trainer import _run_device
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    assert _clipped_sum_error("layerwise") > 1e-4  # what the setup protects against
+    device, _ = _run_device(preset("demo", device="cuda"))
+    assert device.type == "cuda"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
 
 
 def test_noise_std_on_cuda_is_sigma_c_over_b():
