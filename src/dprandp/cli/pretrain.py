@@ -51,6 +51,10 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
         raise InputError("--num and --size go with --process, not with --images")
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other")
+    from dprandp.pipeline.restart import restart_count
+
+    if restart_count() > 0:  # torchrun --max-restarts reran this command after a failure: continue
+        resume, overwrite = True, False
     if threads:
         torch.set_num_threads(threads)
     if device is not None and device not in ("cpu", "cuda"):

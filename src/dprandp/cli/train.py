@@ -38,11 +38,14 @@ def print_result(summary: dict, run_dir, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="continue the killed run in this directory (other flags are taken from its config.json)")
+@click.option("--auto-resume", is_flag=True,
+              help="if --out holds this same run: continue it (or report it if complete); else start it. "
+                   "Implied when torchrun --max-restarts restarts the command")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, or 1 if the machine is busy)")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print summary.json as one JSON object")
-def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, threads, no_progress: bool,
-            as_json: bool, **flags) -> None:
+def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, auto_resume: bool, threads,
+            no_progress: bool, as_json: bool, **flags) -> None:
     """DP-SGD Phases II (linear probing) + III (fine-tuning) with one (epsilon, delta) budget.
 
     Example: dprandp train --dataset cifar10 --data ../shared/data/cifar10.npz --prior prior.pt
@@ -63,8 +66,15 @@ def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, th
             raise InputError("--prior is required: a prior file from `dprandp pretrain`, or `none` for DP-SGD from scratch")
         prior_path = None if prior.lower() == "none" else prior
         config = make_preset(preset, prior=prior_path, **overrides)
-        result = train(config, out=out or default_run_dir(config.dataset), overwrite=overwrite,
-                       progress=progress, log=log)
+        from dprandp.pipeline.restart import continue_or_start, restart_count
+
+        if auto_resume or restart_count() > 0:
+            require(out is not None, "--auto-resume needs --out (the run directory to continue)")
+            require(not overwrite, "--auto-resume and --overwrite exclude each other")
+            result = continue_or_start(config, out, progress=progress, log=log)
+        else:
+            result = train(config, out=out or default_run_dir(config.dataset), overwrite=overwrite,
+                           progress=progress, log=log)
     from dprandp.distributed import init_distributed
 
     if init_distributed().is_main:  # under torchrun only rank 0 reports
