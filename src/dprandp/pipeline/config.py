@@ -58,6 +58,10 @@ class TrainConfig:
     lr_phase3: float = 0.4
     momentum: float = 0.0
     ema: bool = True
+    # Phase II inputs: "augmented" (K random crops per sample through the frozen trunk, as the
+    # paper) or "cached" (the trunk's output on each un-augmented image, computed once; Phase II
+    # then costs a few small matrix products per step). Same mechanism and accounting either way.
+    phase2_features: str = "augmented"
     # engineering
     device: str = "auto"  # "auto" (CUDA when available, single process), "cpu", "cuda" or "cuda:N"
     physical_batch_size: int = 128
@@ -97,6 +101,8 @@ class TrainConfig:
         if self.noise_multiplier is not None:
             pos_real("noise_multiplier")
         require(self.accountant in ("pld", "rdp"), f"unknown accountant {self.accountant!r}")
+        require(self.phase2_features in ("augmented", "cached"),
+                f"phase2-features must be augmented or cached, got {self.phase2_features!r}")
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                 f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -17,6 +17,7 @@ trains all parameters. Both phases use the same noise multiplier, calibrated ove
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -42,6 +43,7 @@ from dprandp.models import create_model
 from dprandp.pipeline import state as st
 from dprandp.pipeline.config import TrainConfig
 from dprandp.pipeline.ledger import PrivacyLedger
+from dprandp.pipeline.probe import ProbeModel, trunk_outputs
 from dprandp.pipeline.rundir import (
     MetricsLog,
     atomic_write_json,
@@ -311,8 +313,15 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
         views = random_crop_flip(to_float(x_train[idx]), augmult=config.augmult, generator=gens["augment"])
         return views, y_train[idx]
 
+    probe_config = dataclasses.replace(dp_config, augmult=1)
+    cache = None  # trunk outputs for --phase2-features cached (Phase II only)
+
+    def make_cached(idx):
+        idx = idx.to(device)
+        return cache[idx], y_train[idx]
+
     ledger.set_plan(plan.phases(config))
-    phase, optimizer, engine, lr = None, None, None, None
+    phase, optimizer, engine, lr, views_of = None, None, None, None, make_views
     stopped = None
     bar = tqdm(total=config.steps, initial=start, desc="DP-SGD", unit="step", disable=not progress,
                dynamic_ncols=True, leave=False)
@@ -324,8 +333,15 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
             if optimizer_state is not None:
                 optimizer.load_state_dict(optimizer_state)
                 optimizer_state = None
-            engine = DPSGD(model, optimizer, config=dp_config, noise_generator=gens["noise"], loss_fn=meter,
-                           all_reduce=ctx.all_reduce)
+            if phase == "II" and config.phase2_features == "cached":
+                cache = trunk_outputs(model, x_train, batch_size=config.eval_batch_size)
+                engine = DPSGD(ProbeModel(model), optimizer, config=probe_config, noise_generator=gens["noise"],
+                               loss_fn=meter, all_reduce=ctx.all_reduce)
+                views_of = make_cached
+            else:
+                cache, views_of = None, make_views
+                engine = DPSGD(model, optimizer, config=dp_config, noise_generator=gens["noise"], loss_fn=meter,
+                               all_reduce=ctx.all_reduce)
         if not ledger.allows_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier):
             eps_next = ledger.epsilon_after_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier)
             stopped = (f"stopped after {t} of {config.steps} steps: one more step would spend epsilon = "
@@ -339,7 +355,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
             ledger.record_step(phase=phase, step=step_no, sample_rate=plan.sample_rate,
                                noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm)
 
-        stats = engine.step_from_indices(sampler.sample(), make_views, before_update=before_update)
+        stats = engine.step_from_indices(sampler.sample(), views_of, before_update=before_update)
         if ema is not None:
             ema.update(model)
         loss = stats.loss
