@@ -44,11 +44,19 @@ PAPER = {  # SPEC.md anchors, CIFAR-10, WRN-16-4
 def command_for(arm: str, eps: float, seed: int, a) -> str:
     base = (f"dprandp train --dataset cifar10 --data ../shared/data/cifar10.npz --preset cpu --epsilon {eps:g} "
             f"--batch-size {a.batch_size} --augmult {a.augmult} --seed {seed}")
+    if a.model != "wrn-16-1":
+        base += f" --model {a.model}"
+    if a.momentum:
+        base += f" --momentum {a.momentum:g}"
+    if a.val_fraction:
+        base += f" --val-fraction {a.val_fraction:g}"
+    if arm != "scratch" and a.phase2_features != "augmented":
+        base += f" --phase2-features {a.phase2_features}"
     if arm == "scratch":
         return f"{base} --prior none --steps {a.steps} --lr-phase3 {a.lr_scratch:g}"
     if arm == "lp":
-        return f"{base} --prior PRIOR --steps {a.steps} --phase2-steps {a.steps} --lr-phase2 {a.lr_phase2:g}"
-    return (f"{base} --prior PRIOR --steps {a.steps} --phase2-steps {round(a.phase2_share * a.steps)} "
+        return f"{base} --prior {Path(a.prior).name} --steps {a.steps} --phase2-steps {a.steps} --lr-phase2 {a.lr_phase2:g}"
+    return (f"{base} --prior {Path(a.prior).name} --steps {a.steps} --phase2-steps {round(a.phase2_share * a.steps)} "
             f"--lr-phase2 {a.lr_phase2:g} --lr-phase3 {a.lr_phase3:g}")
 
 
@@ -57,7 +65,8 @@ def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
 
     common = dict(dataset="cifar10", data=str(DATA), target_epsilon=eps, batch_size=a.batch_size,
                   augmult=a.augmult, seed=seed, physical_batch_size=a.physical_batch_size,
-                  eval_every=0, checkpoint_every=max(a.steps, 1), model=a.model)
+                  eval_every=0, checkpoint_every=max(a.steps, 1), model=a.model, momentum=a.momentum,
+                  val_fraction=a.val_fraction, phase2_features=a.phase2_features)
     if arm == "scratch":
         cfg = preset("cpu", prior=None, steps=a.steps, lr_phase3=a.lr_scratch, **common)
     elif arm == "lp":
@@ -70,7 +79,8 @@ def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
         result = train(cfg, out=Path(tmp) / "run", progress=False, data=data)
         wall = time.time() - t0
         s = result.summary
-    return dict(arm=arm, epsilon_target=eps, seed=seed, test_accuracy=s["test_accuracy"], epsilon=s["epsilon"],
+    return dict(arm=arm, epsilon_target=eps, seed=seed, test_accuracy=s["test_accuracy"],
+                val_accuracy=s.get("val_accuracy"), epsilon=s["epsilon"],
                 noise_multiplier=s["noise_multiplier"], steps=s["steps"], wall_s=wall,
                 command=command_for(arm, eps, seed, a), config=cfg.to_dict())
 
@@ -130,7 +140,9 @@ def render(results: list[dict], note: str) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         cfg = r.get("config") or {}
-        key = (r["arm"], r["epsilon_target"], r["steps"], cfg.get("batch_size"), cfg.get("augmult"))
+        key = (r["arm"], r["epsilon_target"], r["steps"], cfg.get("batch_size"), cfg.get("augmult"),
+               Path(cfg.get("prior") or "none").name, cfg.get("phase2_features", "augmented"), cfg.get("lr_phase2"),
+               cfg.get("lr_phase3"), cfg.get("momentum"), cfg.get("val_fraction", 0.0), cfg.get("model"))
         groups.setdefault(key, []).append(r)
     names = {"scratch": "(a) DP-SGD from scratch", "lp": "(b) DP-RandP without Phase III",
              "randp": "(c) DP-RandP (I + II + III)", "nonprivate": "non-private ceiling"}
@@ -139,8 +151,8 @@ def render(results: list[dict], note: str) -> str:
         "",
         note,
         "",
-        "| arm | target ε | test accuracy % (final EMA model) | ε spent | σ | steps | wall time per run | paper (WRN-16-4) | command |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | target ε | test accuracy % (final EMA model) | validation accuracy % | ε spent | σ | steps | wall time per run | paper (WRN-16-4) | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = ["scratch", "lp", "randp", "nonprivate"]
     for (arm, eps, *_), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]), kv[0][2])):
@@ -148,7 +160,8 @@ def render(results: list[dict], note: str) -> str:
         eps_s = "∞" if eps == float("inf") else f"{eps:g}"
         spent = "∞" if rs[0]["epsilon"] == float("inf") else f"{max(r['epsilon'] for r in rs):.3f}"
         lines.append(
-            f"| {names[arm]} | {eps_s} | {fmt([r['test_accuracy'] for r in rs])} | {spent} | "
+            f"| {names[arm]} | {eps_s} | {fmt([r['test_accuracy'] for r in rs])} | "
+            f"{fmt(vals) if (vals := [r['val_accuracy'] for r in rs if r.get('val_accuracy') is not None]) else '–'} | {spent} | "
             f"{rs[0]['noise_multiplier']:.3f} | {rs[0]['steps']} | "
             f"{statistics.mean(r['wall_s'] for r in rs) / 60:.1f} min | {paper if paper else '–'} | "
             f"`{rs[0]['command']}` |")
@@ -172,8 +185,13 @@ def main() -> None:
     p.add_argument("--lr-phase3", type=float, default=1.0)
     p.add_argument("--lr-scratch", type=float, default=2.0)
     p.add_argument("--physical-batch-size", type=int, default=250)
+    p.add_argument("--phase2-features", choices=["augmented", "cached"], default="augmented")
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="carve a validation split from train (for tuning: compare val_accuracy, not test)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--note", default="")
+    p.add_argument("--section", default="utility", help="BENCHMARKS.md section to write (e.g. utility_tuning)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the runs append to")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md (smoke tests)")
@@ -188,7 +206,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
         if not DATA.exists():
             sys.exit(f"CIFAR-10 not found at {DATA}")
-        data = load_dataset("cifar10", str(DATA))
+        data = load_dataset("cifar10", str(DATA), val_fraction=a.val_fraction, val_seed=0)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         for eps in a.eps:
             for arm in a.arms:
@@ -203,7 +221,7 @@ def main() -> None:
     if a.no_write:
         return
     shown = [arg for arg in sys.argv[1:] if arg not in (a.note, "--note")]
-    write_section("utility", render(load_results(), a.note), command="python bench/utility.py " + " ".join(shown))
+    write_section(a.section, render(load_results(), a.note), command="python bench/utility.py " + " ".join(shown))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Presets
 -------
 ``paper``  SPEC.md's CIFAR-10, epsilon = 1 setting: WRN-16-4, expected batch B = 4096, K = 16
            views, 875 steps of which 96 in Phase II, SGD lr 15 (II) / 0.4 (III), no momentum,
-           C = 1, EMA of the weights. Hours on a GPU.
+           C = 1, EMA of the weights. About 1.8 hours on one H200 (BENCHMARKS.md, gpu); its
+           physical batch of 256 samples (4096 views) peaked at 32 GiB there: lower
+           --physical-batch-size on smaller GPUs, raise it to 512 (62 GiB, 27 % faster) on larger.
 ``cpu``    the same recipe sized for a 2-core machine (WRN-16-1, smaller batch and K, fewer
            steps). Every value can be overridden by a flag.
 ``demo``   tiny: WRN-10-1 on ``digits``, about a minute; what ``dprandp run`` uses by default.
@@ -131,7 +133,7 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     "paper": dict(dataset="cifar10", model="wrn-16-4", batch_size=4096, augmult=16, steps=875, phase2_steps=96,
                   lr_phase2=15.0, lr_phase3=0.4, momentum=0.0, max_grad_norm=1.0, ema=True,
-                  target_epsilon=1.0, target_delta=1e-5, physical_batch_size=128,
+                  target_epsilon=1.0, target_delta=1e-5, physical_batch_size=256,
                   checkpoint_every=25, eval_every=125),
     # The paper's recipe resized for 2 CPU cores on CIFAR-10 (N = 50,000): q = 0.01, K = 1,
     # 200 steps (~100k per-sample gradients; WRN-16-1 computes ~15-50 per second per core on a
