@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
+    ap.add_argument("--section", default="prior_quality", help="BENCHMARKS.md section to write")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -150,7 +151,7 @@ def main() -> None:
     lines += ["", f"Wall time of the pretraining run (training epochs only, from the prior's provenance): "
               f"{ts / 60:.1f} min for {prov.get('epochs_done')} epochs "
               f"({prov.get('num_images', 0) * prov.get('epochs_done', 0) / ts:.1f} images/s), "
-              f"`dprandp pretrain --preset cpu --threads 1`, on this 2-core machine while other jobs shared it."]
+              f"on {prov.get('device', 'a device the prior does not record')}."]
 
     if not args.no_throughput:
         tp = []
@@ -176,7 +177,7 @@ def main() -> None:
     text = "## Phase I prior quality (bench/prior_quality.py)\n\n" + "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section("prior_quality", text)
+        write_section(args.section, text)
 
 
 if __name__ == "__main__":

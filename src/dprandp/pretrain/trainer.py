@@ -235,11 +235,18 @@ def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, confi
         "loss": config.loss,
         "epoch_losses": list(epoch_losses),
         "train_seconds": train_seconds,
+        "device": _device_description(next(model.parameters()).device),
         "code_version": ckpt.code_version(),
         "date": ckpt.utc_now(),
     }
     ckpt.atomic_save(ckpt.prior_dict(model.trunk, model_name=config.model, wrn_config=wrn,
                                      provenance=provenance, config=cfg), out)
+
+
+def _device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def _to_cpu(obj):
