@@ -81,7 +81,8 @@ def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
         wall = time.time() - t0
         s = result.summary
     return dict(arm=arm, epsilon_target=eps, seed=seed, test_accuracy=s["test_accuracy"],
-                val_accuracy=s.get("val_accuracy"), epsilon=s["epsilon"],
+                val_accuracy=s.get("val_accuracy"), prior_sha256=s.get("prior_sha256"),
+                prior_file=Path(a.prior).name if arm != "scratch" else None, epsilon=s["epsilon"],
                 noise_multiplier=s["noise_multiplier"], steps=s["steps"], wall_s=wall,
                 command=command_for(arm, eps, seed, a), config=cfg.to_dict())
 
@@ -155,6 +156,12 @@ def load_results() -> list[dict]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
 
 
+def prior_label(r: dict) -> str:
+    name = r.get("prior_file") or Path((r.get("config") or {}).get("prior") or "none").name
+    sha = r.get("prior_sha256")
+    return "none" if name == "none" else f"{name} ({sha[:8] if sha else '?'})"
+
+
 def render(results: list[dict], note: str) -> str:
     def fmt(values):
         values = [100 * v for v in values]
@@ -166,7 +173,8 @@ def render(results: list[dict], note: str) -> str:
     for r in results:
         cfg = r.get("config") or {}
         key = (r["arm"], r["epsilon_target"], r["steps"], cfg.get("batch_size"), cfg.get("augmult"),
-               Path(cfg.get("prior") or "none").name, cfg.get("phase2_features", "augmented"), cfg.get("lr_phase2"),
+               r.get("prior_sha256") or Path(cfg.get("prior") or "none").name, cfg.get("phase2_features", "augmented"),
+               cfg.get("lr_phase2"),
                cfg.get("lr_phase3"), cfg.get("momentum"), cfg.get("val_fraction", 0.0), cfg.get("model"))
         groups.setdefault(key, []).append(r)
     names = {"scratch": "(a) DP-SGD from scratch", "lp": "(b) DP-RandP without Phase III",
@@ -176,16 +184,16 @@ def render(results: list[dict], note: str) -> str:
         "",
         note,
         "",
-        "| arm | target ε | test accuracy % (final EMA model) | validation accuracy % | ε spent | σ | steps | wall time per run | paper (WRN-16-4) | command |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | prior (SHA-256) | target ε | test accuracy % (final EMA model) | validation accuracy % | ε spent | σ | steps | wall time per run | paper (WRN-16-4) | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = ["scratch", "lp", "randp", "nonprivate"]
-    for (arm, eps, *_), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]), kv[0][2])):
+    for (arm, eps, *_), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]), str(kv[0][5]), kv[0][2])):
         paper = PAPER.get(arm, {}).get(eps)
         eps_s = "∞" if eps == float("inf") else f"{eps:g}"
         spent = "∞" if rs[0]["epsilon"] == float("inf") else f"{max(r['epsilon'] for r in rs):.3f}"
         lines.append(
-            f"| {names[arm]} | {eps_s} | {fmt([r['test_accuracy'] for r in rs])} | "
+            f"| {names[arm]} | {prior_label(rs[0])} | {eps_s} | {fmt([r['test_accuracy'] for r in rs])} | "
             f"{fmt(vals) if (vals := [r['val_accuracy'] for r in rs if r.get('val_accuracy') is not None]) else '–'} | {spent} | "
             f"{rs[0]['noise_multiplier']:.3f} | {rs[0]['steps']} | "
             f"{statistics.mean(r['wall_s'] for r in rs) / 60:.1f} min | {paper if paper else '–'} | "

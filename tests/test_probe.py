@@ -77,3 +77,22 @@ def test_bad_phase2_features_refused():
 
     with pytest.raises(InputError, match="phase2-features"):
         preset("demo", phase2_features="precomputed")
+
+
+def test_runs_record_the_prior_they_loaded(tmp_path):
+    """The prior's SHA-256 is taken when the run starts: a prior file replaced later (same path)
+    cannot be misreported in summary.json."""
+    import hashlib
+
+    from dprandp.pipeline.finish import _prior_record
+
+    torch.set_num_threads(1)
+    data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
+    digest = hashlib.sha256(open(prior, "rb").read()).hexdigest()
+    res = train(preset("demo", dataset="npz", data=data, model="wrn-10-1", prior=prior, batch_size=16, augmult=1,
+                       steps=2, phase2_steps=1, noise_multiplier=2.0, target_epsilon=50.0, eval_every=0),
+                out=tmp_path / "run", progress=False)
+    derived = json.loads((res.run_dir / "config.json").read_text())["derived"]
+    assert derived["prior_sha256"] == res.summary["prior_sha256"] == digest
+    make_prior(tmp_path / "p.pt", seed=9)  # the path now holds another prior
+    assert _prior_record(res.run_dir, prior)["prior_sha256"] == digest

@@ -8,6 +8,7 @@ including steps a crash lost, not what was planned.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,12 @@ import torch
 
 from dprandp.data import NORMALIZE_MEAN, NORMALIZE_STD, ImageData
 from dprandp.errors import InputError, require
-from dprandp.pipeline.rundir import MetricsLog, atomic_torch_save, atomic_write_json, code_version
+from dprandp.pipeline.rundir import (
+    MetricsLog,
+    atomic_torch_save,
+    atomic_write_json,
+    code_version,
+)
 
 MODEL_FORMAT = "dprandp-model/1"
 
@@ -90,6 +96,32 @@ def prior_provenance(prior: str | None) -> str | None:
             f"({p.get('image_size')} px), {p.get('epochs_done')} epochs, seed {p.get('seed')}")
 
 
+def prior_sha256(prior: str | None) -> str | None:
+    """SHA-256 of the prior file: what the run really loaded, even if the path is later reused."""
+    if prior is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(prior, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _prior_record(run_dir: Path, prior: str | None) -> dict:
+    """The prior's hash and provenance as recorded when the run started (config.json), so that a
+    prior file replaced during the run cannot be misreported; computed now for older runs."""
+    derived = {}
+    try:
+        derived = json.loads((Path(run_dir) / "config.json").read_text()).get("derived", {})
+    except (OSError, ValueError):
+        pass
+    if "prior_sha256" in derived:
+        return {"prior_sha256": derived["prior_sha256"], "prior_provenance": derived.get("prior_provenance")}
+    return {"prior_sha256": prior_sha256(prior), "prior_provenance": prior_provenance(prior)}
+
+
 def prior_preview(prior: str | None, n: int = 32) -> np.ndarray | None:
     """A few of the prior's random-process images, re-rendered from its provenance (or None)."""
     if prior is None:
@@ -141,7 +173,7 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         "steps": ledger.steps, "steps_applied": steps_applied, "planned_steps": config.steps,
         "phase2_steps_done": phases_done.get("II", 0), "phase3_steps_done": phases_done.get("III", 0),
         "num_train": data.num_train, "num_test": int(len(data.x_test)), "num_classes": data.num_classes,
-        "dataset": data.name, "prior": config.prior, "prior_provenance": prior_provenance(config.prior),
+        "dataset": data.name, "prior": config.prior, **_prior_record(run_dir, config.prior),
         "model": config.model,
         "wall_time_s": wall_time_s, "code_version": code_version(),
         "deterministic_noise": config.deterministic_noise, "stopped_early": stopped,

@@ -42,6 +42,7 @@ from dprandp.errors import InputError, require
 from dprandp.models import create_model
 from dprandp.pipeline import state as st
 from dprandp.pipeline.config import TrainConfig
+from dprandp.pipeline.finish import prior_provenance, prior_sha256
 from dprandp.pipeline.ledger import PrivacyLedger
 from dprandp.pipeline.probe import ProbeModel, trunk_outputs
 from dprandp.pipeline.rundir import (
@@ -223,7 +224,8 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
         "train": cfg, "derived": {"num_train": plan.num_train, "sample_rate": plan.sample_rate,
                                   "noise_multiplier": plan.noise_multiplier,
                                   "planned_epsilon": plan.planned_epsilon, "num_classes": data.num_classes,
-                                  "phase3_steps": config.phase3_steps},
+                                  "phase3_steps": config.phase3_steps, "prior_sha256": prior_sha256(config.prior),
+                                  "prior_provenance": prior_provenance(config.prior)},
         "code_version": code_version()})
     ledger = PrivacyLedger.create(run_dir, target_epsilon=config.target_epsilon, target_delta=config.target_delta,
                                   accountant=config.accountant, deterministic_noise=config.deterministic_noise)
