@@ -126,14 +126,14 @@ def run_nonprivate(seed: int, a, data) -> dict:
                 command=f"python bench/utility.py --prior PRIOR --arms nonprivate --seeds {seed}", config={})
 
 
-def memoize_trunk_outputs() -> None:
+def memoize_pooled_features() -> None:
     """Runs of one invocation share the frozen prior's cached trunk outputs (``--phase2-features
     cached``): they depend only on the prior and the images, so recomputing them is pure waste."""
     import hashlib
 
     from dprandp.pipeline import trainer
 
-    compute, memo = trainer.trunk_outputs, {}
+    compute, memo = trainer.pooled_features, {}
 
     def cached(model, images, *, batch_size=1024):
         trunk = {k: v for k, v in model.state_dict().items() if k.startswith("trunk.")}
@@ -147,7 +147,7 @@ def memoize_trunk_outputs() -> None:
             memo[key] = compute(model, images, batch_size=batch_size)
         return memo[key]
 
-    trainer.trunk_outputs = cached
+    trainer.pooled_features = cached
 
 
 def load_results() -> list[dict]:
@@ -241,7 +241,7 @@ def main() -> None:
             sys.exit(f"CIFAR-10 not found at {DATA}")
         data = load_dataset("cifar10", str(DATA), val_fraction=a.val_fraction, val_seed=0)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        memoize_trunk_outputs()
+        memoize_pooled_features()
         grid = list(itertools.product(a.batch_size, a.steps, a.lr_phase2, a.momentum))
         for eps in a.eps:
             for arm in a.arms:

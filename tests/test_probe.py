@@ -12,7 +12,7 @@ from pipeline_helpers import make_prior, tiny_npz
 from dprandp.data import to_float
 from dprandp.models import create_model
 from dprandp.pipeline import preset, train
-from dprandp.pipeline.probe import ProbeModel, trunk_outputs
+from dprandp.pipeline.probe import ProbeModel, pooled_features
 from dprandp.privacy import DPSGD, DPConfig
 
 
@@ -32,12 +32,12 @@ def test_probe_steps_equal_full_model_steps_on_unaugmented_images():
     cfg = DPConfig(sample_rate=0.3, noise_multiplier=0.8, max_grad_norm=0.05, batch_size=12, augmult=1,
                    physical_batch_size=5)
     full, probe_owner = frozen_trunk_model(), frozen_trunk_model()
-    cache = trunk_outputs(probe_owner, images, batch_size=7)
-    assert cache.shape == (40, 64, 4, 4)
+    cache = pooled_features(probe_owner, images, batch_size=7)
+    assert cache.shape == (40, 64)
     engines = []
-    for m, net in ((full, full), (probe_owner, ProbeModel(probe_owner))):
+    for m, net, method in ((full, full, "auto"), (probe_owner, ProbeModel(probe_owner), "vmap")):
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=3.0, momentum=0.9)
-        engines.append(DPSGD(net, opt, config=cfg, noise_generator=torch.Generator().manual_seed(4)))
+        engines.append(DPSGD(net, opt, config=cfg, noise_generator=torch.Generator().manual_seed(4), method=method))
     x_full = to_float(images).double()
     clipped = []
     for step in range(4):

@@ -1,26 +1,33 @@
-"""Phase II on cached trunk outputs: linear probing without running the frozen trunk each step.
+"""Phase II on cached features: linear probing without running the frozen trunk each step.
 
-In Phase II only the final norm and the head train; the trunk is frozen, so its output on an
-un-augmented image never changes. :func:`trunk_outputs` computes it once for the whole training
-set, and :class:`ProbeModel` (the classifier's own final norm and head, parameters shared) maps a
-cached output to logits. DP-SGD then runs on ``ProbeModel`` exactly as on the full model: the same
-Poisson sampling, per-sample clipping, one noise draw per step and the same accounting; only the
-inputs differ (one un-augmented view per sample instead of K random crops).
+In Phase II only the final GroupNorm's affine parameters (gamma, beta) and the linear head train;
+the trunk is frozen. The classifier computes
+
+    logits = W mean_hw(gamma * n(x) + beta) + b = W (gamma * f + beta) + b,   f = mean_hw(n(x)),
+
+where ``n(x)`` is the parameter-free group normalisation of ``relu(trunk(x))``: gamma and beta are
+per channel, so they commute with the spatial mean. ``f`` (N x C, e.g. 256 numbers per image for
+WRN-16-4) therefore holds everything Phase II needs; :func:`pooled_features` computes it once for the
+training set (un-augmented images) and :class:`ProbeModel` applies the classifier's own gamma, beta
+and head to it. DP-SGD then runs on ``ProbeModel`` exactly as on the full model: the same Poisson
+sampling, per-sample clipping, one noise draw per step and the same accounting; only the inputs
+differ (one un-augmented view per sample instead of K random crops).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dprandp.data import to_float
 
 
 class ProbeModel(nn.Module):
-    """``head(final_norm(t))`` of a :class:`~dprandp.models.WideResNet`, on trunk outputs ``t``.
+    """The classifier's final norm affine and head, on pooled normalised features (N, C).
 
     Holds the classifier's modules themselves, so training it trains the classifier, and its
-    parameter names are the classifier's (``final_norm.*``, ``head.*``).
+    parameter names are the classifier's (``final_norm.norm.weight``, ``head.fc.weight``, ...).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -28,16 +35,23 @@ class ProbeModel(nn.Module):
         self.final_norm = model.final_norm
         self.head = model.head
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.head(self.final_norm(t))
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        norm = self.final_norm.norm
+        return self.head.fc(f * norm.weight + norm.bias)
+
+
+def _normalised_pooled(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    norm = model.final_norm.norm
+    return F.group_norm(F.relu(t), norm.num_groups, eps=norm.eps).mean(dim=(2, 3))
 
 
 @torch.no_grad()
-def trunk_outputs(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """The trunk's output (N, C, H/4, W/4) on uint8 NHWC ``images`` (no augmentation), on their device."""
+def pooled_features(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+    """``f`` of the module docstring (N, C) for uint8 NHWC ``images`` (no augmentation), on their device."""
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    parts = [model.trunk(to_float(images[i:i + batch_size]).to(dtype)) for i in range(0, len(images), batch_size)]
+    parts = [_normalised_pooled(model, model.trunk(to_float(images[i:i + batch_size]).to(dtype)))
+             for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(parts)

@@ -44,7 +44,7 @@ from dprandp.pipeline import state as st
 from dprandp.pipeline.config import TrainConfig
 from dprandp.pipeline.finish import prior_provenance, prior_sha256
 from dprandp.pipeline.ledger import PrivacyLedger
-from dprandp.pipeline.probe import ProbeModel, trunk_outputs
+from dprandp.pipeline.probe import ProbeModel, pooled_features
 from dprandp.pipeline.rundir import (
     MetricsLog,
     atomic_write_json,
@@ -316,7 +316,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
         return views, y_train[idx]
 
     probe_config = dataclasses.replace(dp_config, augmult=1)
-    cache = None  # trunk outputs for --phase2-features cached (Phase II only)
+    cache = None  # pooled features for --phase2-features cached (Phase II only)
 
     def make_cached(idx):
         idx = idx.to(device)
@@ -336,9 +336,10 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
                 optimizer.load_state_dict(optimizer_state)
                 optimizer_state = None
             if phase == "II" and config.phase2_features == "cached":
-                cache = trunk_outputs(model, x_train, batch_size=config.eval_batch_size)
+                cache = pooled_features(model, x_train, batch_size=config.eval_batch_size)
+                # vmap: the probe uses the norm's gamma and beta directly (no GroupNorm call to hook).
                 engine = DPSGD(ProbeModel(model), optimizer, config=probe_config, noise_generator=gens["noise"],
-                               loss_fn=meter, all_reduce=ctx.all_reduce)
+                               loss_fn=meter, all_reduce=ctx.all_reduce, method="vmap")
                 views_of = make_cached
             else:
                 cache, views_of = None, make_views
