@@ -162,7 +162,11 @@ def prior_label(r: dict) -> str:
     return "none" if name == "none" else f"{name} ({sha[:8] if sha else '?'})"
 
 
-def render(results: list[dict], note: str) -> str:
+TITLES = {"utility": "## Privacy-utility trade-off on CIFAR-10 (issue 7)",
+          "utility_gpu_prior": "## Privacy-utility on CIFAR-10 with the GPU-made priors (issue 7)"}
+
+
+def render(results: list[dict], note: str, section: str = "utility") -> str:
     def fmt(values):
         values = [100 * v for v in values]
         if len(values) == 1:
@@ -180,7 +184,7 @@ def render(results: list[dict], note: str) -> str:
     names = {"scratch": "(a) DP-SGD from scratch", "lp": "(b) DP-RandP without Phase III",
              "randp": "(c) DP-RandP (I + II + III)", "nonprivate": "non-private ceiling"}
     lines = [
-        "## Privacy-utility trade-off on CIFAR-10 (issue 7)",
+        TITLES.get(section, f"## {section}"),
         "",
         note,
         "",
@@ -259,7 +263,7 @@ def main() -> None:
     if a.no_write:
         return
     shown = [arg for arg in sys.argv[1:] if arg not in (a.note, "--note")]
-    write_section(a.section, render(load_results(), a.note), command="python bench/utility.py " + " ".join(shown))
+    write_section(a.section, render(load_results(), a.note, a.section), command="python bench/utility.py " + " ".join(shown))
 
 
 if __name__ == "__main__":
