@@ -163,7 +163,8 @@ def prior_label(r: dict) -> str:
 
 
 TITLES = {"utility": "## Privacy-utility trade-off on CIFAR-10 (issue 7)",
-          "utility_gpu_prior": "## Privacy-utility on CIFAR-10 with the GPU-made priors (issue 7)"}
+          "utility_gpu_prior": "## Privacy-utility on CIFAR-10 with the GPU-made priors (issue 7)",
+          "utility_tuning": "## Tuning on a validation split (issue 7)"}
 
 
 def render(results: list[dict], note: str, section: str = "utility") -> str:
