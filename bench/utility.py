@@ -220,7 +220,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[100])
     p.add_argument("--phase2-share", type=float, default=0.2)
     p.add_argument("--lr-phase2", type=float, nargs="+", default=[8.0])
-    p.add_argument("--lr-phase3", type=float, default=1.0)
+    p.add_argument("--lr-phase3", type=float, nargs="+", default=[1.0])
     p.add_argument("--lr-scratch", type=float, default=2.0)
     p.add_argument("--physical-batch-size", type=int, default=250)
     p.add_argument("--phase2-features", choices=["augmented", "cached"], default="augmented")
@@ -247,12 +247,12 @@ def main() -> None:
         data = load_dataset("cifar10", str(DATA), val_fraction=a.val_fraction, val_seed=0)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         memoize_pooled_features()
-        grid = list(itertools.product(a.batch_size, a.steps, a.lr_phase2, a.momentum))
+        grid = list(itertools.product(a.batch_size, a.steps, a.lr_phase2, a.momentum, a.lr_phase3))
         for eps in a.eps:
             for arm in a.arms:
-                for batch_size, steps, lr_phase2, momentum in grid:
+                for batch_size, steps, lr_phase2, momentum, lr_phase3 in grid:
                     one = argparse.Namespace(**{**vars(a), "batch_size": batch_size, "steps": steps,
-                                                "lr_phase2": lr_phase2, "momentum": momentum})
+                                                "lr_phase2": lr_phase2, "momentum": momentum, "lr_phase3": lr_phase3})
                     for seed in a.seeds:
                         if arm == "nonprivate":
                             r = run_nonprivate(seed, one, data)
