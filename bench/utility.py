@@ -127,7 +127,7 @@ def run_nonprivate(seed: int, a, data) -> dict:
 
 
 def memoize_pooled_features() -> None:
-    """Runs of one invocation share the frozen prior's cached trunk outputs (``--phase2-features
+    """Runs of one invocation share the frozen prior's cached features (``--phase2-features
     cached``): they depend only on the prior and the images, so recomputing them is pure waste."""
     import hashlib
 

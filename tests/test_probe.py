@@ -1,4 +1,4 @@
-"""Phase II on cached trunk outputs (``--phase2-features cached``) against the full model."""
+"""Phase II on cached features (``--phase2-features cached``) against the full model."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def test_cached_phase2_in_the_pipeline(tmp_path):
     steps = [x for x in steps if x["kind"] == "step"]
     assert [x["phase"] for x in steps] == ["II"] * 5 + ["III"] * 3
     assert res.summary["steps"] == 8 and res.summary["epsilon"] <= 50
+    # Both phases are composed: the reported epsilon is the accountant's for all 8 steps at q = B/N.
+    from dprandp.accounting import DPPhase, compute_epsilon
+
+    expected = compute_epsilon([DPPhase(sample_rate=16 / 64, noise_multiplier=2.0, steps=8)], target_delta=1e-5)
+    assert res.summary["epsilon"] == pytest.approx(expected, rel=1e-9)
     # Linear probing only: the trunk stays the prior's (model.pt is the EMA: equal up to rounding).
     lp = train(preset("demo", phase2_features="cached", **{**common, "steps": 5}), out=tmp_path / "lp",
                progress=False)

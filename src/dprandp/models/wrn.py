@@ -101,6 +101,10 @@ class FinalNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(F.relu(x))
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` without the affine (gamma, beta): what a frozen trunk's features cache."""
+        return F.group_norm(F.relu(x), self.norm.num_groups, eps=self.norm.eps)
+
 
 class ClassifierHead(nn.Module):
     """Global average pooling then Linear(features -> classes)."""

@@ -61,8 +61,9 @@ class TrainConfig:
     momentum: float = 0.0
     ema: bool = True
     # Phase II inputs: "augmented" (K random crops per sample through the frozen trunk, as the
-    # paper) or "cached" (the trunk's output on each un-augmented image, computed once; Phase II
-    # then costs a few small matrix products per step). Same mechanism and accounting either way.
+    # paper) or "cached" (the frozen trunk's pooled normalised features of each un-augmented image,
+    # computed once; Phase II then costs a few small matrix products per step). Same mechanism and
+    # accounting either way (dprandp.pipeline.probe).
     phase2_features: str = "augmented"
     # engineering
     device: str = "auto"  # "auto" (CUDA when available, single process), "cpu", "cuda" or "cuda:N"

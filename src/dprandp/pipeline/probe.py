@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from dprandp.data import to_float
 
@@ -40,18 +39,13 @@ class ProbeModel(nn.Module):
         return self.head.fc(f * norm.weight + norm.bias)
 
 
-def _normalised_pooled(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    norm = model.final_norm.norm
-    return F.group_norm(F.relu(t), norm.num_groups, eps=norm.eps).mean(dim=(2, 3))
-
-
 @torch.no_grad()
 def pooled_features(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
     """``f`` of the module docstring (N, C) for uint8 NHWC ``images`` (no augmentation), on their device."""
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    parts = [_normalised_pooled(model, model.trunk(to_float(images[i:i + batch_size]).to(dtype)))
+    parts = [model.final_norm.normalise(model.trunk(to_float(images[i:i + batch_size]).to(dtype))).mean(dim=(2, 3))
              for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(parts)

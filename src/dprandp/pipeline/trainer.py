@@ -144,8 +144,8 @@ def accuracy(model: torch.nn.Module, images, labels, *, batch_size: int = 1024) 
     was_training = model.training
     model.eval()
     correct = 0
+    device = next(model.parameters()).device
     for i in range(0, len(images), batch_size):
-        device = next(model.parameters()).device
         logits = model(to_float(images[i:i + batch_size]).to(device))
         correct += int((logits.argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum())
     model.train(was_training)

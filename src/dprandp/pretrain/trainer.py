@@ -68,10 +68,6 @@ def make_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     return torch.Generator().manual_seed(a), torch.Generator().manual_seed(b)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @dataclass
 class PretrainResult:
     prior_path: Path
