@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def test_runs_record_the_prior_they_loaded(tmp_path):
 
     torch.set_num_threads(1)
     data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
-    digest = hashlib.sha256(open(prior, "rb").read()).hexdigest()
+    digest = hashlib.sha256(Path(prior).read_bytes()).hexdigest()
     res = train(preset("demo", dataset="npz", data=data, model="wrn-10-1", prior=prior, batch_size=16, augmult=1,
                        steps=2, phase2_steps=1, noise_multiplier=2.0, target_epsilon=50.0, eval_every=0),
                 out=tmp_path / "run", progress=False)
