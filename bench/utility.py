@@ -179,7 +179,7 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
         cfg = r.get("config") or {}
         key = (r["arm"], r["epsilon_target"], r["steps"], cfg.get("batch_size"), cfg.get("augmult"),
                r.get("prior_sha256") or Path(cfg.get("prior") or "none").name, cfg.get("phase2_features", "augmented"),
-               cfg.get("lr_phase2"),
+               cfg.get("lr_phase2"), cfg.get("phase2_steps"),
                cfg.get("lr_phase3"), cfg.get("momentum"), cfg.get("val_fraction", 0.0), cfg.get("model"))
         groups.setdefault(key, []).append(r)
     names = {"scratch": "(a) DP-SGD from scratch", "lp": "(b) DP-RandP without Phase III",
@@ -206,6 +206,22 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
     return "\n".join(lines)
 
 
+def arm_grid(arm: str, a) -> list[argparse.Namespace]:
+    """One namespace per grid point, over only the options this arm reads (no duplicate runs)."""
+    axes = {"batch_size": a.batch_size, "steps": a.steps, "momentum": a.momentum}
+    if arm == "scratch":
+        axes["lr_scratch"] = a.lr_scratch
+    elif arm == "lp":
+        axes["lr_phase2"] = a.lr_phase2
+    elif arm == "randp":
+        axes.update(lr_phase2=a.lr_phase2, lr_phase3=a.lr_phase3, phase2_share=a.phase2_share)
+    else:  # nonprivate: its own fixed recipe, only the sample budget (steps x batch) varies
+        axes.pop("momentum")
+    names = list(axes)
+    return [argparse.Namespace(**{**vars(a), **dict(zip(names, point))})
+            for point in itertools.product(*axes.values())]
+
+
 def main() -> None:
     global RESULTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,10 +234,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1000])
     p.add_argument("--augmult", type=int, default=1)
     p.add_argument("--steps", type=int, nargs="+", default=[100])
-    p.add_argument("--phase2-share", type=float, default=0.2)
+    p.add_argument("--phase2-share", type=float, nargs="+", default=[0.2])
     p.add_argument("--lr-phase2", type=float, nargs="+", default=[8.0])
     p.add_argument("--lr-phase3", type=float, nargs="+", default=[1.0])
-    p.add_argument("--lr-scratch", type=float, default=2.0)
+    p.add_argument("--lr-scratch", type=float, nargs="+", default=[2.0])
     p.add_argument("--physical-batch-size", type=int, default=250)
     p.add_argument("--phase2-features", choices=["augmented", "cached"], default="augmented")
     p.add_argument("--momentum", type=float, nargs="+", default=[0.0])
@@ -247,12 +263,9 @@ def main() -> None:
         data = load_dataset("cifar10", str(DATA), val_fraction=a.val_fraction, val_seed=0)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         memoize_pooled_features()
-        grid = list(itertools.product(a.batch_size, a.steps, a.lr_phase2, a.momentum, a.lr_phase3))
         for eps in a.eps:
             for arm in a.arms:
-                for batch_size, steps, lr_phase2, momentum, lr_phase3 in grid:
-                    one = argparse.Namespace(**{**vars(a), "batch_size": batch_size, "steps": steps,
-                                                "lr_phase2": lr_phase2, "momentum": momentum, "lr_phase3": lr_phase3})
+                for one in arm_grid(arm, a):
                     for seed in a.seeds:
                         if arm == "nonprivate":
                             r = run_nonprivate(seed, one, data)

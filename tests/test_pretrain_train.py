@@ -31,12 +31,16 @@ def _fixed_batch_loss(model, images, seed=123):
     return float(align_uniform_loss(z1, z2))
 
 
-def test_a_few_steps_lower_the_loss(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_few_steps_lower_the_loss(tmp_path, precision):
     images = _images(32)
     # one full-store batch per step, 12 steps, constant lr; the loss is measured on 3 fixed sets of views
     config = PretrainConfig(**{**TINY, "lr_per_256": 0.4, "batch_size": 32}, epochs=12, milestones=(1.0,), seed=0)
     before = np.mean([_fixed_batch_loss(ContrastiveModel(config).eval(), images, seed=s) for s in range(3)])
-    pretrain(config, ArrayStore(images), out=tmp_path / "p.pt", progress=False, keep_state=True)
+    pretrain(config, ArrayStore(images), out=tmp_path / "p.pt", progress=False, keep_state=True, precision=precision)
+    trunk, meta = load_prior(tmp_path / "p.pt")
+    assert meta["provenance"]["precision"] == precision
+    assert all(v.dtype == torch.float32 for v in trunk.values() if v.is_floating_point())  # bf16 only inside autocast
     model = ContrastiveModel(config)
     model.load_state_dict(torch.load(state_path(tmp_path / "p.pt"), weights_only=True)["model"])
     after = np.mean([_fixed_batch_loss(model.eval(), images, seed=s) for s in range(3)])
@@ -165,3 +169,18 @@ def test_cli_process_on_the_fly_and_unknown_process(tmp_path, _cli):
     assert r.returncode == 2 and "unknown process" in r.stderr and r.stderr.count("\n") == 1
     r = _cli("--process", "stylegan-oriented", "--out", str(tmp_path / "q.pt"))
     assert r.returncode == 2 and "--num" in r.stderr
+
+
+def test_precision_auto_uses_bf16_only_where_native(monkeypatch):
+    from dprandp.pretrain import precision as prec
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert prec.resolve_precision("fp32", cuda) == "fp32" and prec.resolve_precision("bf16", cpu) == "bf16"
+    assert prec.resolve_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: False)
+    assert prec.resolve_precision("auto", cpu) == "fp32"  # emulated bf16 is slower than float32
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+    assert prec.resolve_precision("auto", cpu) == "bf16"
+    with pytest.raises(InputError, match="precision must be one of"):
+        prec.resolve_precision("fp16", cpu)
+

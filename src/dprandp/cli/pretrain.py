@@ -31,10 +31,12 @@ from dprandp.errors import InputError
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (its .state file).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out and start again.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Phase I arithmetic: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
 def command(images, process, num, size, preset_name, model, epochs, batch_size, lr_per_256, hidden, loss, seed, out, resume,
-            overwrite, device, threads, no_progress):
+            overwrite, device, precision, threads, no_progress):
     """Phase I: learn a prior (WRN trunk) from random-process images; costs no privacy."""
     import sys
 
@@ -72,7 +74,7 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
                                 progress=sys.stderr.isatty() and not no_progress)
 
     result = pretrain(config, source, out=out, resume=resume, overwrite=overwrite, device=device,
-                      progress=progress, log=lambda msg: click.echo(msg, err=True))
+                      precision=precision, progress=progress, log=lambda msg: click.echo(msg, err=True))
     from dprandp.distributed import init_distributed
 
     if not init_distributed().is_main:  # under torchrun only rank 0 reports

@@ -10,8 +10,9 @@ After every epoch the prior and the full training state are written atomically; 
 picks the state up and produces bit-for-bit the weights an uninterrupted run would (same device and
 thread count), because the permutation and augmentation generators are part of the state.
 
-On CUDA the forward/backward runs under bf16 autocast with channels_last tensors (the loss stays
-float32); on the CPU everything is float32.
+The forward/backward runs under bf16 autocast where the hardware has native bf16 (CUDA, and CPUs
+with AVX512-BF16 or AMX; see :mod:`dprandp.pretrain.precision`); the loss, the weights and the
+prior stay float32. On CUDA the tensors are also channels_last (on the CPU that is slower).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dprandp.models import ProjectionHead, create_model
 from dprandp.pretrain import checkpoint as ckpt
 from dprandp.pretrain.config import PretrainConfig
 from dprandp.pretrain.loss import align_uniform_loss, info_nce_loss
+from dprandp.pretrain.precision import resolve_precision
 from dprandp.pretrain.views import ViewConfig, two_views
 
 
@@ -85,13 +87,14 @@ def _config_diff(a: dict, b: dict) -> list[str]:
 def pretrain(
     config: PretrainConfig, source, *, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
     device: torch.device | str | None = None, progress: bool | None = None, log=None,
-    stop_after_epoch: int | None = None, keep_state: bool = False,
+    stop_after_epoch: int | None = None, keep_state: bool = False, precision: str = "auto",
 ) -> PretrainResult:
     """Run Phase I on ``source`` (see :mod:`dprandp.pretrain.data`) and write the prior to ``out``.
 
     ``resume`` continues from ``out``'s training state; without it (or ``overwrite``) an existing
     ``out`` is refused. ``stop_after_epoch`` ends the call early (a time-boxed run to be resumed
     later). The training state is deleted when the run completes unless ``keep_state``.
+    ``precision`` is ``auto``, ``bf16`` or ``fp32`` (:func:`~dprandp.pretrain.precision.resolve_precision`).
     """
     out = Path(out)
     state_file = ckpt.state_path(out)
@@ -109,6 +112,7 @@ def pretrain(
 
     model = ContrastiveModel(config).to(device)
     cuda = device.type == "cuda"
+    bf16 = resolve_precision(precision, device) == "bf16"
     if cuda:
         model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
@@ -163,7 +167,7 @@ def pretrain(
             x = torch.cat([v1, v2])
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 z = model(x)
             z1, z2 = (dist.gather_with_grad(v) for v in z.float().chunk(2))  # loss over the global batch
             loss = contrastive_loss(config, z1, z2)
@@ -185,7 +189,7 @@ def pretrain(
         done = epoch + 1
         if ctx.is_main:
             _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, done,
-                  train_seconds, epoch_losses)
+                  train_seconds, epoch_losses, "bf16" if bf16 else "fp32")
         log(f"epoch {done}/{config.epochs}: loss {mean_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.4g}, "
             f"{steps * config.batch_size / seconds:.1f} img/s, {seconds:.0f} s")
         if not np.isfinite(mean_loss):
@@ -200,7 +204,8 @@ def pretrain(
                           images_seen / elapsed if images_seen else float("nan"))
 
 
-def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, epoch, train_seconds, epoch_losses):
+def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, epoch, train_seconds, epoch_losses,
+          precision):
     """Training state first, then the prior: a crash in between leaves a state that is ahead, never behind."""
     cfg = config.to_dict()
     wrn = model.wrn_config.to_dict()
@@ -232,6 +237,7 @@ def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, confi
         "epoch_losses": list(epoch_losses),
         "train_seconds": train_seconds,
         "device": _device_description(next(model.parameters()).device),
+        "precision": precision,  # of the last epoch (a resumed run may have changed machines)
         "code_version": ckpt.code_version(),
         "date": ckpt.utc_now(),
     }
