@@ -47,6 +47,8 @@ def command_for(arm: str, eps: float, seed: int, a) -> str:
             f"--batch-size {a.batch_size} --augmult {a.augmult} --seed {seed}")
     if a.model != "wrn-16-1":
         base += f" --model {a.model}"
+    if a.head_pool != 1:
+        base += f" --head-pool {a.head_pool}"
     if a.momentum:
         base += f" --momentum {a.momentum:g}"
     if a.val_fraction:
@@ -67,7 +69,7 @@ def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
     common = dict(dataset="cifar10", data=str(DATA), target_epsilon=eps, batch_size=a.batch_size,
                   augmult=a.augmult, seed=seed, physical_batch_size=a.physical_batch_size,
                   eval_every=0, checkpoint_every=max(a.steps, 1), model=a.model, momentum=a.momentum,
-                  val_fraction=a.val_fraction, phase2_features=a.phase2_features)
+                  val_fraction=a.val_fraction, phase2_features=a.phase2_features, head_pool=a.head_pool)
     if arm == "scratch":
         cfg = preset("cpu", prior=None, steps=a.steps, lr_phase3=a.lr_scratch, **common)
     elif arm == "lp":
@@ -98,7 +100,7 @@ def run_nonprivate(seed: int, a, data) -> dict:
     from dprandp.pipeline.trainer import accuracy
     from dprandp.pretrain import apply_prior
 
-    model = create_model(a.model, num_classes=data.num_classes, seed=seed)
+    model = create_model(a.model, num_classes=data.num_classes, seed=seed, head_pool=a.head_pool)
     apply_prior(model, a.prior)
     gen = torch.Generator().manual_seed(seed)
     x = to_float(data.x_train)  # the same normalisation as the DP pipeline
@@ -123,7 +125,8 @@ def run_nonprivate(seed: int, a, data) -> dict:
     acc = accuracy(model, data.x_test, data.y_test)
     return dict(arm="nonprivate", epsilon_target=float("inf"), seed=seed, test_accuracy=acc, epsilon=float("inf"),
                 noise_multiplier=0.0, steps=iters, wall_s=wall,
-                command=f"python bench/utility.py --prior PRIOR --arms nonprivate --seeds {seed}", config={})
+                command=f"python bench/utility.py --prior PRIOR --arms nonprivate --seeds {seed} --head-pool {a.head_pool}",
+                config={"model": a.model, "head_pool": a.head_pool})
 
 
 def memoize_pooled_features() -> None:
@@ -180,7 +183,8 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
         key = (r["arm"], r["epsilon_target"], r["steps"], cfg.get("batch_size"), cfg.get("augmult"),
                r.get("prior_sha256") or Path(cfg.get("prior") or "none").name, cfg.get("phase2_features", "augmented"),
                cfg.get("lr_phase2"), cfg.get("phase2_steps"),
-               cfg.get("lr_phase3"), cfg.get("momentum"), cfg.get("val_fraction", 0.0), cfg.get("model"))
+               cfg.get("lr_phase3"), cfg.get("momentum"), cfg.get("val_fraction", 0.0), cfg.get("model"),
+               cfg.get("head_pool", 1))
         groups.setdefault(key, []).append(r)
     names = {"scratch": "(a) DP-SGD from scratch", "lp": "(b) DP-RandP without Phase III",
              "randp": "(c) DP-RandP (I + II + III)", "nonprivate": "non-private ceiling"}
@@ -208,7 +212,7 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
 
 def arm_grid(arm: str, a) -> list[argparse.Namespace]:
     """One namespace per grid point, over only the options this arm reads (no duplicate runs)."""
-    axes = {"batch_size": a.batch_size, "steps": a.steps, "momentum": a.momentum}
+    axes = {"batch_size": a.batch_size, "steps": a.steps, "momentum": a.momentum, "head_pool": a.head_pool}
     if arm == "scratch":
         axes["lr_scratch"] = a.lr_scratch
     elif arm == "lp":
@@ -231,6 +235,7 @@ def main() -> None:
                    choices=["scratch", "lp", "randp", "nonprivate"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--model", default="wrn-16-1")
+    p.add_argument("--head-pool", type=int, nargs="+", default=[1], help="grid of the head's average pool (1 = global)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1000])
     p.add_argument("--augmult", type=int, default=1)
     p.add_argument("--steps", type=int, nargs="+", default=[100])

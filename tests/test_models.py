@@ -59,3 +59,21 @@ def test_unknown_model_and_duplicate_registration():
         create_model("resnet-1000")
     with pytest.raises(ValueError, match="already registered"):
         register_model("wrn-16-4")(lambda **kw: None)
+
+
+def test_grid_pooled_head_reads_every_cell():
+    """head_pool = p: Linear over C p^2 cell means, in channel-major order; p = 1 is the global pool."""
+    import torch.nn.functional as F
+
+    model = create_model("wrn-10-1", num_classes=3, seed=0, head_pool=4)
+    assert model.head.fc.in_features == 64 * 16 and model.config.head_pool == 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = model.final_norm(model.trunk(x))  # (2, 64, 8, 8)
+        cells = h.reshape(2, 64, 4, 2, 4, 2).mean(dim=(3, 5)).flatten(1)  # 2 x 2 blocks by hand
+        torch.testing.assert_close(model(x), F.linear(cells, model.head.fc.weight, model.head.fc.bias))
+    one = create_model("wrn-10-1", num_classes=3, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(one(x), one.head.fc(one.final_norm(one.trunk(x)).mean(dim=(2, 3))))
+    with pytest.raises(ValueError, match="head_pool"):
+        create_model("wrn-10-1", head_pool=0)

@@ -76,6 +76,22 @@ def test_per_sample_grads_match_loop(method, views):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_grid_pooled_head_matches_loop(method):
+    """A head reading a 2 x 2 grid of pooled features (``head_pool=2``): same per-sample gradients."""
+    gen = torch.Generator().manual_seed(3)
+    model = create_model("wrn-10-1", num_classes=5, seed=0, head_pool=2).double()
+    assert model.head.fc.in_features == 64 * 4
+    x = torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (4,), generator=gen)
+    ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 0.5)
+    g, norms = clipped_grad_sum(model, x, y, max_grad_norm=0.5, method=method)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
+    assert bool((ref_norms > 0.5).any())  # clipping is active
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_clipping_bounds_and_untouched(method):
     gen = torch.Generator().manual_seed(2)
     model = tiny_wrn()

@@ -17,14 +17,15 @@ from dprandp.pipeline.probe import ProbeModel, pooled_features
 from dprandp.privacy import DPSGD, DPConfig
 
 
-def frozen_trunk_model(seed=0):
-    model = create_model("wrn-10-1", num_classes=4, seed=seed).double()
+def frozen_trunk_model(seed=0, head_pool=1):
+    model = create_model("wrn-10-1", num_classes=4, seed=seed, head_pool=head_pool).double()
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith(model.PRIOR_LACKS))
     return model
 
 
-def test_probe_steps_equal_full_model_steps_on_unaugmented_images():
+@pytest.mark.parametrize("head_pool", [1, 2])
+def test_probe_steps_equal_full_model_steps_on_unaugmented_images(head_pool):
     """Same indices, same noise stream: DP-SGD on the probe over cached outputs moves the final
     norm and head exactly as DP-SGD on the whole (trunk-frozen) model over the images."""
     rng = np.random.default_rng(0)
@@ -32,9 +33,9 @@ def test_probe_steps_equal_full_model_steps_on_unaugmented_images():
     labels = torch.from_numpy(rng.integers(0, 4, 40))
     cfg = DPConfig(sample_rate=0.3, noise_multiplier=0.8, max_grad_norm=0.05, batch_size=12, augmult=1,
                    physical_batch_size=5)
-    full, probe_owner = frozen_trunk_model(), frozen_trunk_model()
+    full, probe_owner = frozen_trunk_model(head_pool=head_pool), frozen_trunk_model(head_pool=head_pool)
     cache = pooled_features(probe_owner, images, batch_size=7)
-    assert cache.shape == (40, 64)
+    assert cache.shape == (40, 64 * head_pool**2)
     engines = []
     for m, net, method in ((full, full, "auto"), (probe_owner, ProbeModel(probe_owner), "vmap")):
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=3.0, momentum=0.9)
@@ -76,6 +77,30 @@ def test_cached_phase2_in_the_pipeline(tmp_path):
     state = torch.load(lp.run_dir / "model.pt", weights_only=True)["state_dict"]
     for k, v in trunk.items():
         torch.testing.assert_close(state[f"trunk.{k}"], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_grid_pooled_head_through_the_pipeline(tmp_path):
+    """--head-pool 2 with cached Phase II: the saved model has the 2 x 2 head, reloads, and evaluate
+    reproduces the reported accuracy; --head-pool 0 is refused in one line."""
+    from dprandp.cli.main import main
+    from dprandp.pipeline import evaluate, load_model
+
+    torch.set_num_threads(1)
+    data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
+    cfg = preset("demo", dataset="npz", data=data, model="wrn-10-1", prior=prior, batch_size=16, augmult=1,
+                 physical_batch_size=16, steps=4, phase2_steps=2, noise_multiplier=2.0, target_epsilon=50.0,
+                 eval_every=0, checkpoint_every=100, head_pool=2, phase2_features="cached")
+    res = train(cfg, out=tmp_path / "run", progress=False)
+    model, meta = load_model(res.run_dir / "model.pt")
+    assert model.head.fc.in_features == 64 * 4 and meta["wrn_config"]["head_pool"] == 2
+    from dprandp.data import load_dataset
+
+    again = evaluate(res.run_dir / "model.pt", load_dataset("npz", data))
+    assert again["accuracy"] == pytest.approx(res.summary["test_accuracy"], abs=1e-9)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--dataset", "npz", "--data", data, "--prior", str(prior), "--head-pool", "0",
+              "--out", str(tmp_path / "bad")])
+    assert exc.value.code == 2
 
 
 def test_bad_phase2_features_refused():

@@ -45,6 +45,7 @@ TRAIN_FLAGS = [
     ("--data", "data", dict(type=str, help="dataset path: .npz file, folder or torchvision root (see README)")),
     ("--val-fraction", "val_fraction", dict(type=float, help="carve this fraction of train as a validation split (seeded)")),
     ("--model", "model", dict(type=str, help="architecture, e.g. wrn-16-4 (paper), wrn-16-1 (cpu)")),
+    ("--head-pool", "head_pool", dict(type=int, callback=_int_at_least("--head-pool", 1), help="the linear head reads the final features average-pooled to a P x P grid (1 = global pool, the paper)")),
     ("--epsilon", "target_epsilon", dict(type=float, callback=_positive("--epsilon"), help="target epsilon for Phases II + III together")),
     ("--delta", "target_delta", dict(type=float, callback=_positive("--delta"), help="target delta (default 1e-5; must be < 1/N)")),
     ("--noise-multiplier", "noise_multiplier", dict(type=float, callback=_positive("--noise-multiplier"), help="fix sigma instead of calibrating it (refused if it overshoots epsilon)")),

@@ -5,8 +5,11 @@ Layout of :class:`WideResNet` (``depth = 6n + 4``, widths ``16, 16k, 32k, 64k``)
 * ``trunk``: stem conv 3->16, then three stages of ``n`` pre-activation blocks (strides 1, 2, 2).
   A block computes ``conv(norm(relu(x)))`` twice; where the width changes, the shortcut is
   ``conv1x1(norm(relu(x)))``. This is what Phase I pretrains.
-* ``final_norm``: ReLU then GroupNorm on the trunk output; ``head``: global average pool + Linear.
-  These are the parameters a prior lacks (Phase II trains only them).
+* ``final_norm``: ReLU then GroupNorm on the trunk output; ``head``: average pool + Linear.
+  These are the parameters a prior lacks (Phase II trains only them). The paper pools globally
+  (``head_pool = 1``); ``head_pool = p`` pools to a p x p grid and the Linear reads all
+  ``C p^2`` numbers, which keeps where in the image a feature fired (BENCHMARKS.md, section
+  ``head_pool``: a 4 x 4 grid lifts WRN-16-1's DP linear probe at epsilon = 1 by about 9 points).
 
 No BatchNorm (it mixes samples and breaks per-sample privacy) and no in-place operations
 (they break per-sample gradient hooks). Initialisation: truncated normal with std 1/sqrt(fan_in)
@@ -31,12 +34,15 @@ class WRNConfig:
     num_classes: int = 10
     groups: int = 16
     in_channels: int = 3
+    head_pool: int = 1  # side of the average-pool grid the linear head reads (1 = global pool)
 
     def __post_init__(self) -> None:
         if self.depth < 10 or (self.depth - 4) % 6 != 0:
             raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {self.depth}")
         if self.width < 1 or self.num_classes < 1 or self.groups < 1:
             raise ValueError("width, num_classes and groups must be positive")
+        if not isinstance(self.head_pool, int) or self.head_pool < 1:
+            raise ValueError(f"head_pool must be an integer >= 1, got {self.head_pool!r}")
         for c in self.widths:
             if c % self.groups != 0:
                 raise ValueError(f"{self.groups} groups do not divide {c} channels")
@@ -107,14 +113,24 @@ class FinalNorm(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pooling then Linear(features -> classes)."""
+    """Average pooling to a ``pool`` x ``pool`` grid, then Linear(channels * pool^2 -> classes).
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+    ``pool = 1`` is global average pooling. The flattened order is channel-major (c, i, j).
+    """
+
+    def __init__(self, channels: int, num_classes: int, pool: int = 1) -> None:
         super().__init__()
-        self.fc = nn.Linear(channels, num_classes)
+        self.pool = pool
+        self.fc = nn.Linear(channels * pool * pool, num_classes)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C * pool^2): what ``fc`` reads."""
+        if self.pool == 1:
+            return x.mean(dim=(2, 3))
+        return F.adaptive_avg_pool2d(x, self.pool).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.fc(self.pooled(x))
 
 
 class WideResNet(nn.Module):
@@ -128,7 +144,7 @@ class WideResNet(nn.Module):
         self.config = config
         self.trunk = Trunk(config)
         self.final_norm = FinalNorm(config.feature_dim, config.groups)
-        self.head = ClassifierHead(config.feature_dim, config.num_classes)
+        self.head = ClassifierHead(config.feature_dim, config.num_classes, config.head_pool)
         init_weights(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

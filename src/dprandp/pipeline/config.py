@@ -44,6 +44,7 @@ class TrainConfig:
     val_fraction: float = 0.0
     # model and prior
     model: str = "wrn-16-4"
+    head_pool: int = 1  # the linear head reads the final features average-pooled to this grid (1 = global)
     prior: str | None = None
     # privacy
     target_epsilon: float = 1.0
@@ -89,6 +90,7 @@ class TrainConfig:
         for name in ("batch_size", "augmult", "steps", "physical_batch_size", "eval_batch_size", "checkpoint_every"):
             pos_int(name)
         pos_int("phase2_steps", 0)
+        pos_int("head_pool")
         pos_int("eval_every", 0)
         for name in ("target_epsilon", "max_grad_norm", "lr_phase2", "lr_phase3"):
             pos_real(name)

@@ -54,7 +54,7 @@ def load_model(path: str | Path):
             f"{p} is not a dprandp model file (a prior or a training checkpoint? use RUN_DIR/model.pt)")
     wrn = dict(obj["wrn_config"])
     wrn.pop("num_classes", None)
-    model = create_model(obj["model"], num_classes=int(obj["num_classes"]))
+    model = create_model(obj["model"], num_classes=int(obj["num_classes"]), head_pool=int(wrn.get("head_pool", 1)))
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as exc:

@@ -7,7 +7,9 @@ the trunk is frozen. The classifier computes
 
 where ``n(x)`` is the parameter-free group normalisation of ``relu(trunk(x))``: gamma and beta are
 per channel, so they commute with the spatial mean. ``f`` (N x C, e.g. 256 numbers per image for
-WRN-16-4) therefore holds everything Phase II needs; :func:`pooled_features` computes it once for the
+WRN-16-4) therefore holds everything Phase II needs. The same holds cell by cell for a head that
+pools to a p x p grid (``head_pool = p``): then ``f`` is N x C p^2, and gamma and beta apply to
+the p^2 cells of each channel. :func:`pooled_features` computes ``f`` once for the
 training set (un-augmented images) and :class:`ProbeModel` applies the classifier's own gamma, beta
 and head to it. DP-SGD then runs on ``ProbeModel`` exactly as on the full model: the same Poisson
 sampling, per-sample clipping, one noise draw per step and the same accounting; only the inputs
@@ -36,16 +38,17 @@ class ProbeModel(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         norm = self.final_norm.norm
-        return self.head.fc(f * norm.weight + norm.bias)
+        cells = f.reshape(f.shape[0], norm.num_channels, -1)  # (N, C, pool^2), the head's flatten order
+        return self.head.fc((cells * norm.weight[:, None] + norm.bias[:, None]).flatten(1))
 
 
 @torch.no_grad()
 def pooled_features(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """``f`` of the module docstring (N, C) for uint8 NHWC ``images`` (no augmentation), on their device."""
+    """``f`` of the module docstring (N, C pool^2) for uint8 NHWC ``images`` (no augmentation), on their device."""
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    parts = [model.final_norm.normalise(model.trunk(to_float(images[i:i + batch_size]).to(dtype))).mean(dim=(2, 3))
+    parts = [model.head.pooled(model.final_norm.normalise(model.trunk(to_float(images[i:i + batch_size]).to(dtype))))
              for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(parts)

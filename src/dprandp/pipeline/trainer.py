@@ -130,7 +130,7 @@ def _run_device(config: TrainConfig):
 
 def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     """The classifier, initialised from ``--seed``, with the prior's trunk loaded if any."""
-    model = create_model(config.model, num_classes=num_classes, seed=st.derive_seed(config.seed, "init"))
+    model = create_model(config.model, head_pool=config.head_pool, num_classes=num_classes, seed=st.derive_seed(config.seed, "init"))
     if config.prior is not None:
         from dprandp.pretrain import apply_prior
 
@@ -268,7 +268,7 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
     # The run's sigma and q are those it started with (and that its ledger records), not a new calibration.
     plan = Plan(num_train=data.num_train, sample_rate=config.batch_size / data.num_train,
                 noise_multiplier=float(derived["noise_multiplier"]), planned_epsilon=float(derived["planned_epsilon"]))
-    model = create_model(config.model, num_classes=data.num_classes)
+    model = create_model(config.model, head_pool=config.head_pool, num_classes=data.num_classes)
     model.load_state_dict(ckpt["model"])
     model.to(device)
     ema = EMA(model) if config.ema else None
@@ -308,7 +308,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
     x_train = torch.from_numpy(data.x_train).to(device)
     y_train = torch.from_numpy(data.y_train).to(device)
     meter = _AccuracyMeter()
-    eval_model = create_model(config.model, num_classes=data.num_classes).to(device)
+    eval_model = create_model(config.model, head_pool=config.head_pool, num_classes=data.num_classes).to(device)
 
     def make_views(idx):
         idx = idx.to(device)
