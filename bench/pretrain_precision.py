@@ -97,7 +97,7 @@ def short_runs(num_images: int, epochs: int, cifar: Path | None) -> tuple[list[s
               f"(ratio {out['fp32'][1] / out['bf16'][1]:.2f}x, including one-time set-up)."]
     if agreement is not None:
         lines.append(f"Pooled features of the two priors on 2,000 CIFAR-10 test images: mean cosine similarity {agreement:.3f} "
-                     "(the runs diverge by rounding; this shows how far, not which is better).")
+                     "(training is chaotic: rounding alone sends two runs from the same seed apart, so this measures divergence, not quality; the loss columns compare quality).")
     return lines, out
 
 

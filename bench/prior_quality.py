@@ -5,8 +5,9 @@ Measures, on this machine:
 1. Linear-probe accuracy (multinomial logistic regression, sklearn lbfgs, standardised features)
    on frozen features of (a) the randomly initialised encoder the prior started from (same
    architecture, same seed) and (b) the prior. Two feature sets: the pooled 64k-dim features
-   Phase II trains on (``WideResNet.features``: ReLU -> GroupNorm -> global average pool), and the
-   trunk output average-pooled to 2x2 (4 x 64k dims). CIFAR-10 is subsampled (default 10k train /
+   Phase II trains on with the paper's head (``WideResNet.features``: ReLU -> GroupNorm -> global
+   average pool), and the same map average-pooled to 2x2 and 4x4 grids (4 x and 16 x 64k dims: what
+   Phase II trains on with ``--head-pool 2`` / ``4``). CIFAR-10 is subsampled (default 10k train /
    2k test images, stratified by nothing but a seeded permutation) to keep it to minutes.
 2. Pretraining throughput (images/s, each image giving two views: views + forward + backward +
    SGD step) of the ``cpu`` and ``paper`` preset models, side by side in one run.
@@ -45,19 +46,22 @@ def load_cifar(path: Path, n_train: int, n_test: int, seed: int):
     return d["x_train"][tr], d["y_train"][tr], d["x_test"][te], d["y_test"][te]
 
 
+GRIDS = (1, 2, 4)
+
+
 @torch.no_grad()
-def features(model, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """(pooled 64k features after the final norm, trunk output pooled to 2x2)."""
+def features(model, images: np.ndarray, batch: int = 500) -> dict[int, np.ndarray]:
+    """{grid: the final-norm output average-pooled to grid x grid, flattened} (grid 1 = global pool)."""
     model.eval()
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
-    pooled, grid = [], []
+    parts = {g: [] for g in GRIDS}
     for s in range(0, len(images), batch):
         x = (torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float() / 255 - mean) / std
-        h = model.trunk(x)
-        pooled.append(model.final_norm(h).mean(dim=(2, 3)).numpy())
-        grid.append(F.adaptive_avg_pool2d(model.final_norm(h), 2).flatten(1).numpy())
-    return np.concatenate(pooled), np.concatenate(grid)
+        h = model.final_norm(model.trunk(x))
+        for g in GRIDS:
+            parts[g].append(F.adaptive_avg_pool2d(h, g).flatten(1).numpy())
+    return {g: np.concatenate(v) for g, v in parts.items()}
 
 
 def probe(f_train, y_train, f_test, y_test) -> float:
@@ -122,12 +126,10 @@ def main() -> None:
         if prior is not None:
             apply_prior(model, prior)
         t = time.perf_counter()
-        p_tr, g_tr = features(model, x_tr)
-        p_te, g_te = features(model, x_te)
-        acc_pooled = probe(p_tr, y_tr, p_te, y_te)
-        acc_grid = probe(g_tr, y_tr, g_te, y_te)
-        rows.append((label, acc_pooled, acc_grid, time.perf_counter() - t))
-        print(f"{label}: pooled {acc_pooled:.4f}, 2x2 {acc_grid:.4f}", flush=True)
+        f_tr, f_te = features(model, x_tr), features(model, x_te)
+        accs = [probe(f_tr[g], y_tr, f_te[g], y_te) for g in GRIDS]
+        rows.append((label, accs, time.perf_counter() - t))
+        print(f"{label}: " + ", ".join(f"{g}x{g} {a:.4f}" for g, a in zip(GRIDS, accs)), flush=True)
 
     dim = meta["wrn_config"]["width"] * 64
     lines = [
@@ -138,15 +140,16 @@ def main() -> None:
         f"epochs, seed {seed}, lr {meta['pretrain_config']['lr_per_256']} per 256, final loss "
         f"{prov['epoch_losses'][-1]:.3f}, code {prov.get('code_version')}.",
         "",
-        f"| encoder | probe on pooled features ({dim}-d, what Phase II trains on) | probe on 2x2-pooled trunk ({4 * dim}-d) |",
-        "| --- | --- | --- |",
+        "| encoder | " + " | ".join(f"probe on {g}x{g}-pooled features ({g * g * dim}-d, Phase II's input with "
+                                    f"--head-pool {g})" for g in GRIDS) + " |",
+        "| --- |" + " --- |" * len(GRIDS),
     ]
-    for label, a, b, _ in rows:
-        lines.append(f"| {label} | {100 * a:.1f} % | {100 * b:.1f} % |")
-    gain = 100 * (rows[1][1] - rows[0][1])
-    lines += ["", f"Prior minus random init (pooled features): **{gain:+.1f} points** (target: >= +10). "
-              f"n = {args.test} test images: one standard error is about "
-              f"{100 * np.sqrt(0.25 / args.test):.1f} points."]
+    for label, accs, _ in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{100 * a:.1f} %" for a in accs) + " |")
+    gains = [100 * (b - a) for a, b in zip(rows[0][1], rows[1][1])]
+    lines += ["", "Prior minus random init: " + ", ".join(f"**{d:+.1f} points** at {g}x{g}" for g, d in zip(GRIDS, gains))
+              + f" (target: >= +10 on the features Phase II trains on). n = {args.test} test images: one standard "
+              f"error is about {100 * np.sqrt(0.25 / args.test):.1f} points."]
     ts = float(prov.get("train_seconds", float("nan")))
     lines += ["", f"Wall time of the pretraining run (training epochs only, from the prior's provenance): "
               f"{ts / 60:.1f} min for {prov.get('epochs_done')} epochs "
