@@ -9,7 +9,7 @@ Layout of :class:`WideResNet` (``depth = 6n + 4``, widths ``16, 16k, 32k, 64k``)
   These are the parameters a prior lacks (Phase II trains only them). The paper pools globally
   (``head_pool = 1``); ``head_pool = p`` pools to a p x p grid and the Linear reads all
   ``C p^2`` numbers, which keeps where in the image a feature fired (BENCHMARKS.md, section
-  ``head_pool``: a 4 x 4 grid lifts WRN-16-1's DP linear probe at epsilon = 1 by about 9 points).
+  ``utility_tuning``: a 4 x 4 grid lifts WRN-16-1's DP linear probe at epsilon = 1 by 10 points).
 
 No BatchNorm (it mixes samples and breaks per-sample privacy) and no in-place operations
 (they break per-sample gradient hooks). Initialisation: truncated normal with std 1/sqrt(fan_in)
