@@ -61,7 +61,11 @@ def main() -> None:
         s = run(prior, args, extra, out / ("scratch" if prior == "none" else "prior"))
         rows.append(s)
         print(json.dumps({k: s[k] for k in ("prior", "test_accuracy", "epsilon", "steps", "wall_time_s")}))
-    md = ["`dprandp train --dataset cifar10 --preset cpu` (WRN-16-1, B = 500, K = 1), final EMA model, "
+    from dprandp.pipeline import preset
+
+    cpu = preset("cpu")
+    md = [f"`dprandp train --dataset cifar10 --preset cpu` ({cpu.model}, head pool {cpu.head_pool}, B = {cpu.batch_size}, "
+          f"K = {cpu.augmult}; flags given: {' '.join(extra) or 'none'}), final EMA model, "
           "test n = 10,000, one seed each (noise from OS entropy).", "",
           "| prior | test accuracy | ε (δ = 1e-5) | σ | steps (II + III) | wall time |",
           "| --- | --- | --- | --- | --- | --- |"]
