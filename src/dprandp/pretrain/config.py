@@ -82,8 +82,9 @@ class PretrainConfig:
 PRESETS: dict[str, PretrainConfig] = {
     "paper": PretrainConfig(),
     # Sized on this project's 2-core CPU machines (BENCHMARKS.md, prior_quality): WRN-16-1 with a
-    # 512-wide head trains at ~35-50 images/s on one thread there; 15k images x 6 epochs (90k images,
-    # 702 steps of 128) takes about 35-60 minutes, depending on what else shares the cores. The lr is
+    # 512-wide head trains at ~35-50 images/s on one thread there in float32; 15k images x 6 epochs
+    # (90k images, 702 steps of 128) takes about 35-60 minutes, depending on what else shares the
+    # cores, and ~1.7x less under bf16 on CPUs that have it (BENCHMARKS.md, pretrain_precision). The lr is
     # SPEC's 0.12 per 256: a 3x higher lr gave a 1.2-point better non-private linear probe (37.6 vs
     # 36.4 %) but a 4-point *worse* DP-RandP model at epsilon = 1 (35.9 % vs 40.0 +- 0.3 %, n = 1 / 3;
     # BENCHMARKS.md, utility), so the probe alone is not a safe criterion for choosing a prior.
