@@ -59,8 +59,9 @@ def command_for(arm: str, eps: float, seed: int, a) -> str:
         return f"{base} --prior none --steps {a.steps} --lr-phase3 {a.lr_scratch:g}"
     if arm == "lp":
         return f"{base} --prior {Path(a.prior).name} --steps {a.steps} --phase2-steps {a.steps} --lr-phase2 {a.lr_phase2:g}"
+    freeze = f" --freeze-stages {a.freeze_stages}" if a.freeze_stages else ""
     return (f"{base} --prior {Path(a.prior).name} --steps {a.steps} --phase2-steps {round(a.phase2_share * a.steps)} "
-            f"--lr-phase2 {a.lr_phase2:g} --lr-phase3 {a.lr_phase3:g}")
+            f"--lr-phase2 {a.lr_phase2:g} --lr-phase3 {a.lr_phase3:g}{freeze}")
 
 
 def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
@@ -76,7 +77,7 @@ def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
         cfg = preset("cpu", prior=a.prior, steps=a.steps, phase2_steps=a.steps, lr_phase2=a.lr_phase2, **common)
     else:
         cfg = preset("cpu", prior=a.prior, steps=a.steps, phase2_steps=round(a.phase2_share * a.steps),
-                     lr_phase2=a.lr_phase2, lr_phase3=a.lr_phase3, **common)
+                     lr_phase2=a.lr_phase2, lr_phase3=a.lr_phase3, freeze_stages=a.freeze_stages, **common)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         result = train(cfg, out=Path(tmp) / "run", progress=False, data=data)
@@ -184,7 +185,7 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
                r.get("prior_sha256") or Path(cfg.get("prior") or "none").name, cfg.get("phase2_features", "augmented"),
                cfg.get("lr_phase2"), cfg.get("phase2_steps"),
                cfg.get("lr_phase3"), cfg.get("momentum"), cfg.get("val_fraction", 0.0), cfg.get("model"),
-               cfg.get("head_pool", 1))
+               cfg.get("head_pool", 1), cfg.get("freeze_stages", 0))
         groups.setdefault(key, []).append(r)
     names = {"scratch": "(a) DP-SGD from scratch", "lp": "(b) DP-RandP without Phase III",
              "randp": "(c) DP-RandP (I + II + III)", "nonprivate": "non-private ceiling"}
@@ -218,7 +219,8 @@ def arm_grid(arm: str, a) -> list[argparse.Namespace]:
     elif arm == "lp":
         axes["lr_phase2"] = a.lr_phase2
     elif arm == "randp":
-        axes.update(lr_phase2=a.lr_phase2, lr_phase3=a.lr_phase3, phase2_share=a.phase2_share)
+        axes.update(lr_phase2=a.lr_phase2, lr_phase3=a.lr_phase3, phase2_share=a.phase2_share,
+                    freeze_stages=a.freeze_stages)
     else:  # nonprivate: its own fixed recipe, only the sample budget (steps x batch) varies
         axes.pop("momentum")
     names = list(axes)
@@ -242,6 +244,8 @@ def main() -> None:
     p.add_argument("--phase2-share", type=float, nargs="+", default=[0.2])
     p.add_argument("--lr-phase2", type=float, nargs="+", default=[8.0])
     p.add_argument("--lr-phase3", type=float, nargs="+", default=[1.0])
+    p.add_argument("--freeze-stages", type=int, nargs="+", default=[0],
+                   help="randp: trunk stages kept frozen in Phase III (0 = fine-tune all)")
     p.add_argument("--lr-scratch", type=float, nargs="+", default=[2.0])
     p.add_argument("--physical-batch-size", type=int, default=250)
     p.add_argument("--phase2-features", choices=["augmented", "cached"], default="augmented")

@@ -59,6 +59,7 @@ TRAIN_FLAGS = [
     ("--phase3-steps", "phase3_steps", dict(type=int, callback=_int_at_least("--phase3-steps", 0), help="steps of Phase III (0: linear probing only)")),
     ("--lr-phase2", "lr_phase2", dict(type=float, callback=_positive("--lr-phase2"), help="SGD learning rate of Phase II")),
     ("--lr-phase3", "lr_phase3", dict(type=float, callback=_positive("--lr-phase3"), help="SGD learning rate of Phase III")),
+    ("--freeze-stages", "freeze_stages", dict(type=int, callback=_int_at_least("--freeze-stages", 0), help="Phase III keeps the trunk's first k stages frozen (0: fine-tune all, the paper; frozen stages cost no backward pass)")),
     ("--phase2-features", "phase2_features", dict(type=click.Choice(["augmented", "cached"]), help="Phase II inputs: K augmented views through the frozen trunk (paper) or its features of the un-augmented images, computed once (much faster)")),
     ("--momentum", "momentum", dict(type=float, callback=_positive("--momentum", allow_zero=True), help="SGD momentum (paper: 0)")),
     ("--device", "device", dict(type=str, help="auto (CUDA if available; default), cpu, cuda or cuda:N")),

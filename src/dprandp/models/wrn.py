@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dprandp.errors import InputError
+
 
 @dataclass(frozen=True, kw_only=True)
 class WRNConfig:
@@ -156,6 +158,22 @@ class WideResNet(nn.Module):
 
     def head_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if n.startswith(self.PRIOR_LACKS)]
+
+    def stage_prefixes(self) -> tuple[tuple[str, ...], ...]:
+        """Parameter-name prefixes of the trunk's three stages, input side first (the stem conv
+        belongs to the first stage). ``--freeze-stages k`` keeps the first k frozen in Phase III."""
+        n = (self.config.depth - 4) // 6
+        return (("trunk.0.", *(f"trunk.{i}." for i in range(1, n + 1))),
+                tuple(f"trunk.{i}." for i in range(n + 1, 2 * n + 1)),
+                tuple(f"trunk.{i}." for i in range(2 * n + 1, 3 * n + 1)))
+
+    def frozen_prefixes(self, stages: int) -> tuple[str, ...]:
+        """Prefixes of the first ``stages`` stages (0: none); at most all but the last stage."""
+        count = len(self.stage_prefixes())
+        if not 0 <= stages < count:
+            raise InputError(f"freeze-stages must be in [0, {count - 1}] for this model (it has {count} "
+                             f"trunk stages; freezing all of them is linear probing: --phase3-steps 0), got {stages}")
+        return tuple(p for stage in self.stage_prefixes()[:stages] for p in stage)
 
 
 class ProjectionHead(nn.Module):

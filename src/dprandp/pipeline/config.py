@@ -60,6 +60,9 @@ class TrainConfig:
     phase2_steps: int = 96
     lr_phase2: float = 15.0
     lr_phase3: float = 0.4
+    # Phase III keeps the trunk's first k stages frozen (0 = the paper: fine-tune everything). A
+    # frozen stage costs no backward pass and adds no noise dimensions.
+    freeze_stages: int = 0
     momentum: float = 0.0
     ema: bool = True
     # Phase II inputs: "augmented" (K random crops per sample through the frozen trunk, as the
@@ -92,6 +95,7 @@ class TrainConfig:
             pos_int(name)
         pos_int("phase2_steps", 0)
         pos_int("head_pool")
+        pos_int("freeze_stages", 0)
         pos_int("eval_every", 0)
         for name in ("target_epsilon", "max_grad_norm", "lr_phase2", "lr_phase3"):
             pos_real(name)

@@ -12,7 +12,7 @@ Order of one step (this order is what makes the ledger trustworthy):
 
 Phase II trains only the parameters the prior lacks (final norm + head): the trunk's parameters
 have ``requires_grad=False``, so the engine computes no per-sample gradient for them. Phase III
-trains all parameters. Both phases use the same noise multiplier, calibrated over all steps.
+trains all parameters, or all but the trunk's first ``freeze_stages`` stages. Both phases use the same noise multiplier, calibrated over all steps.
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def _run_device(config: TrainConfig):
 def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     """The classifier, initialised from ``--seed``, with the prior's trunk loaded if any."""
     model = create_model(config.model, head_pool=config.head_pool, num_classes=num_classes, seed=st.derive_seed(config.seed, "init"))
+    model.frozen_prefixes(config.freeze_stages)  # an out-of-range --freeze-stages fails here, before any output
     if config.prior is not None:
         from dprandp.pretrain import apply_prior
 
@@ -177,9 +178,13 @@ class _AccuracyMeter:
 def _set_phase(model, config: TrainConfig, phase: str):
     """requires_grad for the phase and a fresh SGD optimizer over the trainable parameters."""
     lacks = type(model).PRIOR_LACKS
+    frozen = model.frozen_prefixes(config.freeze_stages) if config.freeze_stages else ()
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(phase == "III" or name.startswith(lacks))
+        if phase == "II":
+            p.requires_grad_(name.startswith(lacks))
+        else:
+            p.requires_grad_(not (frozen and name.startswith(frozen)))
         if p.requires_grad:
             trainable.append(p)
     lr = config.lr_phase2 if phase == "II" else config.lr_phase3
