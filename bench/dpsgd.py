@@ -13,6 +13,9 @@ max RSS growth. Methods:
 * ``opacus``: Opacus ``GradSampleModule`` hooks computing per-view gradients, averaged over the K
   views per sample, then clipped, summed, noised and applied (the reference code's recipe);
 * ``*-phase2``: the trunk frozen (only final norm + head trainable), as in Phase II.
+* ``engine-freeze1``/``engine-freeze2`` (ask with ``--methods``): Phase III with the trunk's first
+  one or two stages frozen (``--freeze-stages``); ``engine speed-up vs this`` compares them with
+  the full fine-tuning step.
 
 Usage: ``python bench/dpsgd.py [--threads 1] [--images 64] [--rounds 3]`` (about 10 min on 2 cores).
 ``img/s`` counts images (views) through the network; ``samples/s`` counts private samples.
@@ -33,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("nonprivate", "engine", "engine-vmap", "opacus", "nonprivate-phase2", "engine-phase2", "opacus-phase2")
+#: Phase III with the trunk's first k stages frozen (``--freeze-stages k``); not in the default set.
+FREEZE_METHODS = ("engine-freeze1", "engine-freeze2")
 
 
 def _rss_mb() -> float:
@@ -57,6 +62,10 @@ def _make_step(method: str, spec: dict):
     if method.endswith("phase2"):
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(model.PRIOR_LACKS))
+    if "-freeze" in method:
+        frozen = model.frozen_prefixes(int(method.rsplit("freeze", 1)[1]))
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.startswith(frozen))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01)
     gen = torch.Generator().manual_seed(0)
@@ -193,7 +202,7 @@ def table(results: list[dict]) -> str:
         base = by.get((model, k, "nonprivate-phase2" if phase2 else "nonprivate"))
         eng = by.get((model, k, "engine-phase2" if phase2 else "engine"))
         ratio = f"{r['seconds'] / base['seconds']:.2f}x" if base else "-"
-        speed = f"{r['seconds'] / eng['seconds']:.2f}x" if eng and not method.startswith("engine") else "-"
+        speed = f"{r['seconds'] / eng['seconds']:.2f}x" if eng and (not method.startswith("engine") or "-freeze" in method) else "-"
         lines.append(f"| {model} | {k} | {method} | {r['img_per_s']:.1f} | {r['samples_per_s']:.2f} | {r['median_seconds']:.2f} | {ratio} | {speed} | "
                      f"{r['mem_mb_per_sample']:.1f} |")
     return "\n".join(lines)
@@ -209,6 +218,8 @@ def main() -> None:
     ap.add_argument("--models", default="wrn-16-1,wrn-16-4")
     ap.add_argument("--augmults", default="1,16")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--section", default="dpsgd",
+                    help="BENCHMARKS.md section (e.g. dpsgd_freeze for a --methods subset)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
     ap.add_argument("--json", help="also save raw results here")
     ap.add_argument("--notes", help="markdown file appended to the section (analysis of the numbers)")
@@ -232,8 +243,10 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)  # so the section's machine stamp shows the threads used
 
+        title = ("## DP-SGD step: non-private vs dprandp engine vs Opacus" if args.section == "dpsgd"
+                 else f"## DP-SGD step ({args.section}): {', '.join(args.methods)}")
         notes = (
-            "## DP-SGD step: non-private vs dprandp engine vs Opacus\n\n"
+            title + "\n\n"
             f"{args.images} images per step (K = 1: {args.images} samples; K = 16: {args.images // 16} samples x 16 views), "
             f"{args.threads} thread(s), best of {args.rounds} interleaved timed steps per method after {args.warmup} warm-up "
             "(wrn-16-1: 2x the rounds), one process per model and K. `time / non-private` compares with the non-private step "
@@ -241,7 +254,7 @@ def main() -> None:
             "trainable set; `engine speed-up vs this` = this method's step time / the engine's. Memory: peak RSS growth "
             "over two steps in a forked process, per private sample.\n\n" + md
         )
-        write_section("dpsgd", notes + ("\n\n" + Path(args.notes).read_text() if args.notes else ""),
+        write_section(args.section, notes + ("\n\n" + Path(args.notes).read_text() if args.notes else ""),
                       command="python bench/dpsgd.py " + " ".join(sys.argv[1:]))
 
 
