@@ -124,7 +124,10 @@ def run_nonprivate(seed: int, a, data) -> dict:
     wall = time.time() - t0
     model.eval()
     acc = accuracy(model, data.x_test, data.y_test)
+    from dprandp.pipeline.finish import prior_sha256
+
     return dict(arm="nonprivate", epsilon_target=float("inf"), seed=seed, test_accuracy=acc, epsilon=float("inf"),
+                prior_file=Path(a.prior).name, prior_sha256=prior_sha256(a.prior),
                 noise_multiplier=0.0, steps=iters, wall_s=wall,
                 command=f"python bench/utility.py --prior PRIOR --arms nonprivate --seeds {seed} --head-pool {a.head_pool}",
                 config={"model": a.model, "head_pool": a.head_pool})
