@@ -36,8 +36,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("nonprivate", "engine", "engine-vmap", "opacus", "nonprivate-phase2", "engine-phase2", "opacus-phase2")
-#: Phase III with the trunk's first k stages frozen (``--freeze-stages k``); not in the default set.
-FREEZE_METHODS = ("engine-freeze1", "engine-freeze2")
 
 
 def _rss_mb() -> float:

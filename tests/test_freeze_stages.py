@@ -8,6 +8,7 @@ frozen stages really are untouched and cost no graph.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_pipeline_keeps_frozen_stages_at_the_prior(tmp_path: Path):
         else:
             moved.append(not torch.allclose(state[f"trunk.{k}"], v))
     assert moved and all(moved)
-    saved = __import__("json").loads((res.run_dir / "config.json").read_text())
+    saved = json.loads((res.run_dir / "config.json").read_text())
     assert saved["train"]["freeze_stages"] == 1
 
 

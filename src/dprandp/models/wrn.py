@@ -91,12 +91,16 @@ class Trunk(nn.Sequential):
         n = (config.depth - 4) // 6
         c0, c1, c2, c3 = config.widths
         layers: list[nn.Module] = [nn.Conv2d(config.in_channels, c0, 3, padding=1)]
+        starts = []
         c_in = c0
         for c_out, stride in ((c1, 1), (c2, 2), (c3, 2)):
+            starts.append(len(layers))
             for i in range(n):
                 layers.append(Block(c_in, c_out, stride if i == 0 else 1, config.groups))
                 c_in = c_out
         super().__init__(*layers)
+        #: Index of each stage's first block; the stem conv (index 0) belongs to the first stage.
+        self.stage_starts = tuple(starts)
 
 
 class FinalNorm(nn.Module):
@@ -162,10 +166,8 @@ class WideResNet(nn.Module):
     def stage_prefixes(self) -> tuple[tuple[str, ...], ...]:
         """Parameter-name prefixes of the trunk's three stages, input side first (the stem conv
         belongs to the first stage). ``--freeze-stages k`` keeps the first k frozen in Phase III."""
-        n = (self.config.depth - 4) // 6
-        return (("trunk.0.", *(f"trunk.{i}." for i in range(1, n + 1))),
-                tuple(f"trunk.{i}." for i in range(n + 1, 2 * n + 1)),
-                tuple(f"trunk.{i}." for i in range(2 * n + 1, 3 * n + 1)))
+        bounds = (0, *self.trunk.stage_starts[1:], len(self.trunk))
+        return tuple(tuple(f"trunk.{i}." for i in range(a, b)) for a, b in zip(bounds, bounds[1:]))
 
     def frozen_prefixes(self, stages: int) -> tuple[str, ...]:
         """Prefixes of the first ``stages`` stages (0: none); at most all but the last stage."""

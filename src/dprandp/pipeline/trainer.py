@@ -12,7 +12,8 @@ Order of one step (this order is what makes the ledger trustworthy):
 
 Phase II trains only the parameters the prior lacks (final norm + head): the trunk's parameters
 have ``requires_grad=False``, so the engine computes no per-sample gradient for them. Phase III
-trains all parameters, or all but the trunk's first ``freeze_stages`` stages. Both phases use the same noise multiplier, calibrated over all steps.
+trains all parameters, or all but the trunk's first ``freeze_stages`` stages. Both phases use the
+same noise multiplier, calibrated over all steps.
 """
 
 from __future__ import annotations
@@ -178,13 +179,10 @@ class _AccuracyMeter:
 def _set_phase(model, config: TrainConfig, phase: str):
     """requires_grad for the phase and a fresh SGD optimizer over the trainable parameters."""
     lacks = type(model).PRIOR_LACKS
-    frozen = model.frozen_prefixes(config.freeze_stages) if config.freeze_stages else ()
+    frozen = model.frozen_prefixes(config.freeze_stages)  # () when nothing is frozen
     trainable = []
     for name, p in model.named_parameters():
-        if phase == "II":
-            p.requires_grad_(name.startswith(lacks))
-        else:
-            p.requires_grad_(not (frozen and name.startswith(frozen)))
+        p.requires_grad_(name.startswith(lacks) if phase == "II" else not name.startswith(frozen))
         if p.requires_grad:
             trainable.append(p)
     lr = config.lr_phase2 if phase == "II" else config.lr_phase3
