@@ -36,8 +36,8 @@ def probe_engine(model_name: str, pool: int, batch_size: int, physical: int, num
     from dprandp.privacy import DPSGD, DPConfig
 
     model = create_model(model_name, num_classes=10, head_pool=pool, seed=0)
-    for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(("final_norm.", "head."))
+    for name, p in model.named_parameters():  # Phase II's trainable set, as the pipeline defines it
+        p.requires_grad = name.startswith(type(model).PRIOR_LACKS)
     probe = ProbeModel(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.5, momentum=0.9)
