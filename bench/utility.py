@@ -84,7 +84,8 @@ def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
         wall = time.time() - t0
         s = result.summary
     return dict(arm=arm, epsilon_target=eps, seed=seed, test_accuracy=s["test_accuracy"],
-                val_accuracy=s.get("val_accuracy"), prior_sha256=s.get("prior_sha256"),
+                val_accuracy=s.get("val_accuracy"), test_accuracy_flip=s.get("test_accuracy_flip"),
+                val_accuracy_flip=s.get("val_accuracy_flip"), prior_sha256=s.get("prior_sha256"),
                 prior_file=Path(a.prior).name if arm != "scratch" else None, epsilon=s["epsilon"],
                 noise_multiplier=s["noise_multiplier"], steps=s["steps"], wall_s=wall,
                 command=command_for(arm, eps, seed, a), config=cfg.to_dict())

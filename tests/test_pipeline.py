@@ -53,7 +53,7 @@ def test_summary_epsilon_is_the_accountants_epsilon_of_the_ledger(finished):
     assert summary["epsilon"] == pytest.approx(ref, rel=1e-9)
     assert summary["epsilon"] <= summary["target_epsilon"] == 1.0
     assert summary["epsilon"] > 0.99 * 1.0  # sigma was calibrated to use the budget
-    for key in ("test_accuracy", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "num_train",
+    for key in ("test_accuracy", "test_accuracy_flip", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "num_train",
                 "dataset", "prior", "wall_time_s", "code_version", "deterministic_noise"):
         assert key in summary
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["num_train"] == 64
@@ -94,6 +94,32 @@ def test_evaluate_reproduces_the_reported_accuracy(finished):
     assert out["accuracy"] == result.test_accuracy
     model, meta = load_model(d / "run" / "model.pt")
     assert meta["num_classes"] == 4 and meta["model"] == "wrn-10-1"
+    flip = evaluate(d / "run" / "model.pt", data, flip_tta=True)
+    assert flip["flip_tta"] is True and flip["accuracy"] == result.summary["test_accuracy_flip"]
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
+    """Reference by hand: a model that reads only the leftmost column sees the rightmost one
+    under the flip, so TTA logits must be the mean of the two columns' read-outs."""
+    from dprandp.pipeline.trainer import accuracy, predict_logits
+
+    class LeftColumn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([[1.0, -1.0]]))
+
+        def forward(self, x):
+            v = x[:, 0, 0, 0:1]  # channel 0, row 0, leftmost pixel
+            return v * self.w
+
+    x = torch.zeros(2, 3, 4, 4)
+    x[0, 0, 0, 0], x[0, 0, 0, -1] = 3.0, -1.0  # left 3, right -1: mean 1 -> class 0
+    x[1, 0, 0, 0], x[1, 0, 0, -1] = 1.0, -5.0  # left 1, right -5: mean -2 -> class 1
+    m = LeftColumn()
+    plain, tta = predict_logits(m, x), predict_logits(m, x, flip_tta=True)
+    assert torch.allclose(plain, torch.tensor([[3.0, -3.0], [1.0, -1.0]]))
+    assert torch.allclose(tta, torch.tensor([[1.0, -1.0], [-2.0, 2.0]]))
+    assert plain.argmax(1).tolist() == [0, 0] and tta.argmax(1).tolist() == [0, 1]
 
 
 def test_linear_probing_only_leaves_the_trunk_equal_to_the_prior(tmp_path):

@@ -79,7 +79,7 @@ def test_cached_phase2_in_the_pipeline(tmp_path):
         torch.testing.assert_close(state[f"trunk.{k}"], v, rtol=1e-6, atol=1e-7, msg=k)
 
 
-def test_grid_pooled_head_through_the_pipeline(tmp_path):
+def test_grid_pooled_head_through_the_pipeline(tmp_path, capsys):
     """--head-pool 2 with cached Phase II: the saved model has the 2 x 2 head, reloads, and evaluate
     reproduces the reported accuracy; --head-pool 0 is refused in one line."""
     from dprandp.cli.main import main
@@ -97,6 +97,12 @@ def test_grid_pooled_head_through_the_pipeline(tmp_path):
 
     again = evaluate(res.run_dir / "model.pt", load_dataset("npz", data))
     assert again["accuracy"] == pytest.approx(res.summary["test_accuracy"], abs=1e-9)
+    try:  # the CLI's flip test-time augmentation reproduces the summary's flip accuracy
+        main(["evaluate", "--model", str(res.run_dir), "--dataset", "npz", "--data", data, "--tta", "flip", "--json"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["flip_tta"] is True and out["accuracy"] == pytest.approx(res.summary["test_accuracy_flip"], abs=1e-9)
     with pytest.raises(SystemExit) as exc:
         main(["train", "--dataset", "npz", "--data", data, "--prior", str(prior), "--head-pool", "0",
               "--out", str(tmp_path / "bad")])

@@ -15,8 +15,10 @@ from dprandp.data import DATASETS
 @click.option("--dataset", type=click.Choice(list(DATASETS)), required=True, help="dataset to score on")
 @click.option("--data", type=str, default=None, help="dataset path (as for `dprandp train`)")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="test-time augmentation: flip averages the logits of each image and its mirror image")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(model_path: str, dataset: str, data: str | None, split: str, as_json: bool) -> None:
+def command(model_path: str, dataset: str, data: str | None, split: str, tta: str, as_json: bool) -> None:
     """Top-1 accuracy of a saved model (no privacy cost on public test data; on private data,
     releasing the number itself is not covered by the training guarantee)."""
     from dprandp.data import load_dataset
@@ -26,8 +28,9 @@ def command(model_path: str, dataset: str, data: str | None, split: str, as_json
     if path.is_dir():
         path = path / "model.pt"
     ds = load_dataset(dataset, data)
-    out = evaluate(path, ds, split=split)
+    out = evaluate(path, ds, split=split, flip_tta=tta == "flip")
     if as_json:
         emit_json(out)
     else:
-        click.echo(f"accuracy {100 * out['accuracy']:.2f} % on {out['dataset']} {split} (n = {out['num_examples']})")
+        click.echo(f"accuracy {100 * out['accuracy']:.2f} % on {out['dataset']} {split} (n = {out['num_examples']}"
+                   f"{', flip test-time augmentation' if out['flip_tta'] else ''})")

@@ -64,8 +64,10 @@ def load_model(path: str | Path):
     return model, meta
 
 
-def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", batch_size: int = 1024) -> dict:
-    """Accuracy of a saved model on ``data``'s ``split`` (``test`` or ``val``)."""
+def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", batch_size: int = 1024,
+             flip_tta: bool = False) -> dict:
+    """Accuracy of a saved model on ``data``'s ``split`` (``test`` or ``val``); ``flip_tta`` averages
+    the logits of each image and its mirror image."""
     from dprandp.pipeline.trainer import accuracy
 
     model, meta = load_model(model_path)
@@ -75,8 +77,8 @@ def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", ba
     x, y = {"test": (data.x_test, data.y_test), "val": (data.x_val, data.y_val),
             "train": (data.x_train, data.y_train)}[split]
     require(x is not None, f"dataset {data.name} has no {split} split")
-    acc = accuracy(model, x, y, batch_size=batch_size)
-    return {"accuracy": acc, "split": split, "num_examples": int(len(x)), "dataset": data.name,
+    acc = accuracy(model, x, y, batch_size=batch_size, flip_tta=flip_tta)
+    return {"accuracy": acc, "split": split, "flip_tta": flip_tta, "num_examples": int(len(x)), "dataset": data.name,
             "model": str(model_path), "architecture": meta["model"],
             "epsilon": meta.get("epsilon"), "delta": meta.get("delta")}
 
@@ -166,6 +168,7 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
                      "anyone who knows the seed can subtract the noise: never release such a model.")
     summary = {
         "test_accuracy": final["test_accuracy"], "val_accuracy": final.get("val_accuracy"),
+        "test_accuracy_flip": final.get("test_accuracy_flip"), "val_accuracy_flip": final.get("val_accuracy_flip"),
         "epsilon": epsilon, "delta": config.target_delta, "target_epsilon": config.target_epsilon,
         "planned_epsilon": plan.planned_epsilon, "accountant": config.accountant,
         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,

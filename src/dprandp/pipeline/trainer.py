@@ -141,14 +141,25 @@ def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, images, labels, *, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on uint8 NHWC ``images`` (no augmentation)."""
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, *, flip_tta: bool = False) -> torch.Tensor:
+    """Logits of ``model`` on a normalised NCHW batch; with ``flip_tta`` the mean of the logits of
+    the image and of its mirror image (test-time augmentation: post-processing of the released
+    model, so it costs no privacy)."""
+    logits = model(x)
+    if flip_tta:
+        logits = (logits + model(x.flip(3))) / 2
+    return logits
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, images, labels, *, batch_size: int = 1024, flip_tta: bool = False) -> float:
+    """Top-1 accuracy of ``model`` on uint8 NHWC ``images`` (no augmentation unless ``flip_tta``)."""
     was_training = model.training
     model.eval()
     correct = 0
     device = next(model.parameters()).device
     for i in range(0, len(images), batch_size):
-        logits = model(to_float(images[i:i + batch_size]).to(device))
+        logits = predict_logits(model, to_float(images[i:i + batch_size]).to(device), flip_tta=flip_tta)
         correct += int((logits.argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum())
     model.train(was_training)
     return correct / len(images)
@@ -385,23 +396,28 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
         t = config.steps
     bar.close()
     steps_applied = t
-    final = _evaluate(model, ema, eval_model, data, config, steps_applied)
+    final = _evaluate(model, ema, eval_model, data, config, steps_applied, with_flip=True)
     metrics.append(_clean(final))
     return finish_run(run_dir, config=config, data=data, plan=plan, ledger=ledger, reported=eval_model,
                       final=final, steps_applied=steps_applied, stopped=stopped,
                       wall_time_s=wall_before + time.time() - t_start, log=log)
 
 
-def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step: int) -> dict:
-    """Test (and validation) accuracy of the reported model: the EMA, or the model itself."""
+def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step: int, *, with_flip: bool = False) -> dict:
+    """Test (and validation) accuracy of the reported model: the EMA, or the model itself. The
+    final evaluation also scores flip test-time augmentation (``*_accuracy_flip``)."""
     if ema is not None:
         ema.copy_to(eval_model)
     else:
         eval_model.load_state_dict(model.state_dict())
-    rec = {"kind": "eval", "step": step,
-           "test_accuracy": accuracy(eval_model, data.x_test, data.y_test, batch_size=config.eval_batch_size)}
+    bs = config.eval_batch_size
+    rec = {"kind": "eval", "step": step, "test_accuracy": accuracy(eval_model, data.x_test, data.y_test, batch_size=bs)}
+    if with_flip:
+        rec["test_accuracy_flip"] = accuracy(eval_model, data.x_test, data.y_test, batch_size=bs, flip_tta=True)
     if data.x_val is not None:
-        rec["val_accuracy"] = accuracy(eval_model, data.x_val, data.y_val, batch_size=config.eval_batch_size)
+        rec["val_accuracy"] = accuracy(eval_model, data.x_val, data.y_val, batch_size=bs)
+        if with_flip:
+            rec["val_accuracy_flip"] = accuracy(eval_model, data.x_val, data.y_val, batch_size=bs, flip_tta=True)
     return rec
 
 
