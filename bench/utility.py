@@ -125,9 +125,11 @@ def run_nonprivate(seed: int, a, data) -> dict:
     wall = time.time() - t0
     model.eval()
     acc = accuracy(model, data.x_test, data.y_test)
+    acc_flip = accuracy(model, data.x_test, data.y_test, flip_tta=True)
     from dprandp.pipeline.finish import prior_sha256
 
-    return dict(arm="nonprivate", epsilon_target=float("inf"), seed=seed, test_accuracy=acc, epsilon=float("inf"),
+    return dict(arm="nonprivate", epsilon_target=float("inf"), seed=seed, test_accuracy=acc, test_accuracy_flip=acc_flip,
+                epsilon=float("inf"),
                 prior_file=Path(a.prior).name, prior_sha256=prior_sha256(a.prior),
                 noise_multiplier=0.0, steps=iters, wall_s=wall,
                 command=f"python bench/utility.py --prior PRIOR --arms nonprivate --seeds {seed} --head-pool {a.head_pool}",
@@ -198,9 +200,14 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
         "",
         note,
         "",
-        "| arm | prior (SHA-256) | target ε | test accuracy % (final EMA model) | validation accuracy % | ε spent | σ | steps | wall time per run | paper (WRN-16-4) | command |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | prior (SHA-256) | target ε | test accuracy % (final EMA model) | validation accuracy % | "
+        "with flip TTA: test / validation % | ε spent | σ | steps | wall time per run | paper (WRN-16-4) | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    def column(rs, key):
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return fmt(vals) if vals else "–"
+
     order = ["scratch", "lp", "randp", "nonprivate"]
     for (arm, eps, *_), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]), str(kv[0][5]), kv[0][2])):
         paper = PAPER.get(arm, {}).get(eps)
@@ -208,7 +215,7 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
         spent = "∞" if rs[0]["epsilon"] == float("inf") else f"{max(r['epsilon'] for r in rs):.3f}"
         lines.append(
             f"| {names[arm]} | {prior_label(rs[0])} | {eps_s} | {fmt([r['test_accuracy'] for r in rs])} | "
-            f"{fmt(vals) if (vals := [r['val_accuracy'] for r in rs if r.get('val_accuracy') is not None]) else '–'} | {spent} | "
+            f"{column(rs, 'val_accuracy')} | {column(rs, 'test_accuracy_flip')} / {column(rs, 'val_accuracy_flip')} | {spent} | "
             f"{rs[0]['noise_multiplier']:.3f} | {rs[0]['steps']} | "
             f"{statistics.mean(r['wall_s'] for r in rs) / 60:.1f} min | {paper if paper else '–'} | "
             f"`{rs[0]['command']}` |")

@@ -25,6 +25,9 @@ def print_result(summary: dict, run_dir, as_json: bool) -> None:
     click.echo(f"test accuracy {100 * summary['test_accuracy']:.2f} % (final EMA model, n = {summary['num_test']}{val}) "
                f"at (epsilon = {summary['epsilon']:.3f}, delta = {summary['delta']:g}); "
                f"{summary['steps']} DP steps, sigma = {summary['noise_multiplier']:.3f}")
+    if summary.get("test_accuracy_flip") is not None:
+        click.echo(f"with flip test-time augmentation: test accuracy {100 * summary['test_accuracy_flip']:.2f} % "
+                   "(`dprandp evaluate --tta flip`)")
     click.echo(f"run directory: {run_dir} (report.html, summary.json, ledger.jsonl, model.pt)")
 
 

@@ -134,6 +134,8 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
             ("model", f"{config['model']} · prior: {prior}"),
             ("prior provenance", s.get("prior_provenance") or "–"),
             ("validation accuracy", _pct(s.get("val_accuracy"))),
+            ("with flip test-time augmentation", f"test {_pct(s.get('test_accuracy_flip'))} · "
+             f"validation {_pct(s.get('val_accuracy_flip'))} (no privacy cost: post-processing)"),
             ("wall time (Phases II + III)", f"{s['wall_time_s'] / 60:.1f} min"),
             ("noise seeding", "fixed seed (--deterministic-noise): reproducible, NOT for production"
              if s["deterministic_noise"] else "OS entropy (secure default)"),
