@@ -99,7 +99,7 @@ def run_nonprivate(seed: int, a, data) -> dict:
     from dprandp.augment import random_crop_flip
     from dprandp.data import to_float
     from dprandp.models import create_model
-    from dprandp.pipeline.trainer import accuracy
+    from dprandp.pipeline.trainer import accuracies
     from dprandp.pretrain import apply_prior
 
     model = create_model(a.model, num_classes=data.num_classes, seed=seed, head_pool=a.head_pool)
@@ -124,8 +124,7 @@ def run_nonprivate(seed: int, a, data) -> dict:
         sched.step()
     wall = time.time() - t0
     model.eval()
-    acc = accuracy(model, data.x_test, data.y_test)
-    acc_flip = accuracy(model, data.x_test, data.y_test, flip_tta=True)
+    acc, acc_flip = accuracies(model, data.x_test, data.y_test)
     from dprandp.pipeline.finish import prior_sha256
 
     return dict(arm="nonprivate", epsilon_target=float("inf"), seed=seed, test_accuracy=acc, test_accuracy_flip=acc_flip,

@@ -140,26 +140,48 @@ def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     return model
 
 
+def _mirror_mean(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: the mean of ``logits`` (the model on ``x``) and the logits of
+    the mirror images. Post-processing of the released model, so it costs no privacy."""
+    return (logits + model(x.flip(3))) / 2
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, *, flip_tta: bool = False) -> torch.Tensor:
-    """Logits of ``model`` on a normalised NCHW batch; with ``flip_tta`` the mean of the logits of
-    the image and of its mirror image (test-time augmentation: post-processing of the released
-    model, so it costs no privacy)."""
+    """Logits of ``model`` on a normalised NCHW batch, flip-averaged with ``flip_tta``."""
     logits = model(x)
-    if flip_tta:
-        logits = (logits + model(x.flip(3))) / 2
-    return logits
+    return _mirror_mean(model, x, logits) if flip_tta else logits
+
+
+@torch.no_grad()
+def accuracies(model: torch.nn.Module, images, labels, *, batch_size: int = 1024) -> tuple[float, float]:
+    """Top-1 accuracy of ``model`` on uint8 NHWC ``images``, plain and with flip TTA, from one
+    forward pass per orientation (the plain logits serve both)."""
+    was_training = model.training
+    model.eval()
+    plain = flip = 0
+    device = next(model.parameters()).device
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i:i + batch_size]).to(device)
+        y = torch.as_tensor(labels[i:i + batch_size])
+        logits = model(x)
+        plain += int((logits.argmax(1).cpu() == y).sum())
+        flip += int((_mirror_mean(model, x, logits).argmax(1).cpu() == y).sum())
+    model.train(was_training)
+    return plain / len(images), flip / len(images)
 
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, images, labels, *, batch_size: int = 1024, flip_tta: bool = False) -> float:
     """Top-1 accuracy of ``model`` on uint8 NHWC ``images`` (no augmentation unless ``flip_tta``)."""
+    if flip_tta:
+        return accuracies(model, images, labels, batch_size=batch_size)[1]
     was_training = model.training
     model.eval()
     correct = 0
     device = next(model.parameters()).device
     for i in range(0, len(images), batch_size):
-        logits = predict_logits(model, to_float(images[i:i + batch_size]).to(device), flip_tta=flip_tta)
+        logits = model(to_float(images[i:i + batch_size]).to(device))
         correct += int((logits.argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum())
     model.train(was_training)
     return correct / len(images)
@@ -411,13 +433,13 @@ def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step
     else:
         eval_model.load_state_dict(model.state_dict())
     bs = config.eval_batch_size
-    rec = {"kind": "eval", "step": step, "test_accuracy": accuracy(eval_model, data.x_test, data.y_test, batch_size=bs)}
-    if with_flip:
-        rec["test_accuracy_flip"] = accuracy(eval_model, data.x_test, data.y_test, batch_size=bs, flip_tta=True)
-    if data.x_val is not None:
-        rec["val_accuracy"] = accuracy(eval_model, data.x_val, data.y_val, batch_size=bs)
+    rec = {"kind": "eval", "step": step}
+    splits = [("test", data.x_test, data.y_test)] + ([("val", data.x_val, data.y_val)] if data.x_val is not None else [])
+    for name, x, y in splits:
         if with_flip:
-            rec["val_accuracy_flip"] = accuracy(eval_model, data.x_val, data.y_val, batch_size=bs, flip_tta=True)
+            rec[f"{name}_accuracy"], rec[f"{name}_accuracy_flip"] = accuracies(eval_model, x, y, batch_size=bs)
+        else:
+            rec[f"{name}_accuracy"] = accuracy(eval_model, x, y, batch_size=bs)
     return rec
 
 
