@@ -1,0 +1,26 @@
+"""The GPU script's extrapolation of the paper run (bench/gpu.py), on hand-made timings."""
+
+import pytest
+
+from bench.gpu import extrapolate
+
+
+def _row(phase, k, s):
+    return {"model": "wrn-16-4", "phase": phase, "K": k, "physical": 512, "seconds_per_step": s}
+
+
+def test_extrapolates_96_plus_779_steps_per_augmult_from_the_fastest_step():
+    rows = [_row("II", 16, 2.0), _row("III", 16, 9.0), _row("III", 16, 8.0),  # two physical batches: fastest counts
+            _row("II", 4, 0.5), _row("III", 4, 2.0),
+            {"model": "wrn-16-4", "phase": "III", "K": 4, "physical": 4096, "error": "OutOfMemoryError"}]
+    out = extrapolate(rows)
+    assert out["gpu_hours_by_augmult"]["16"] == pytest.approx((96 * 2.0 + 779 * 8.0) / 3600)
+    assert out["gpu_hours_by_augmult"]["4"] == pytest.approx((96 * 0.5 + 779 * 2.0) / 3600)
+    assert out["paper_run_gpu_hours"] == out["gpu_hours_by_augmult"]["16"]  # the paper's K is the largest timed
+    assert out["paper_run_seconds"] == pytest.approx(96 * 2.0 + 779 * 8.0)
+
+
+def test_a_k_missing_a_phase_is_not_extrapolated():
+    assert extrapolate([_row("III", 16, 8.0)]) == {}
+    assert set(extrapolate([_row("II", 16, 2.0), _row("III", 16, 8.0), _row("III", 4, 2.0)])
+               ["gpu_hours_by_augmult"]) == {"16"}
