@@ -154,9 +154,9 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, *, flip_tta: bool = 
 
 
 @torch.no_grad()
-def accuracies(model: torch.nn.Module, images, labels, *, batch_size: int = 1024) -> tuple[float, float]:
-    """Top-1 accuracy of ``model`` on uint8 NHWC ``images``, plain and with flip TTA, from one
-    forward pass per orientation (the plain logits serve both)."""
+def _accuracy_pair(model: torch.nn.Module, images, labels, batch_size: int, with_flip: bool) -> tuple[float, float | None]:
+    """Top-1 accuracy on uint8 NHWC ``images``, plain and (``with_flip``) with flip TTA, from one
+    forward pass per orientation: the plain logits serve both."""
     was_training = model.training
     model.eval()
     plain = flip = 0
@@ -166,25 +166,21 @@ def accuracies(model: torch.nn.Module, images, labels, *, batch_size: int = 1024
         y = torch.as_tensor(labels[i:i + batch_size])
         logits = model(x)
         plain += int((logits.argmax(1).cpu() == y).sum())
-        flip += int((_mirror_mean(model, x, logits).argmax(1).cpu() == y).sum())
+        if with_flip:
+            flip += int((_mirror_mean(model, x, logits).argmax(1).cpu() == y).sum())
     model.train(was_training)
-    return plain / len(images), flip / len(images)
+    return plain / len(images), (flip / len(images) if with_flip else None)
 
 
-@torch.no_grad()
+def accuracies(model: torch.nn.Module, images, labels, *, batch_size: int = 1024) -> tuple[float, float]:
+    """Top-1 accuracy of ``model`` on uint8 NHWC ``images``, plain and with flip TTA."""
+    return _accuracy_pair(model, images, labels, batch_size, with_flip=True)
+
+
 def accuracy(model: torch.nn.Module, images, labels, *, batch_size: int = 1024, flip_tta: bool = False) -> float:
     """Top-1 accuracy of ``model`` on uint8 NHWC ``images`` (no augmentation unless ``flip_tta``)."""
-    if flip_tta:
-        return accuracies(model, images, labels, batch_size=batch_size)[1]
-    was_training = model.training
-    model.eval()
-    correct = 0
-    device = next(model.parameters()).device
-    for i in range(0, len(images), batch_size):
-        logits = model(to_float(images[i:i + batch_size]).to(device))
-        correct += int((logits.argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum())
-    model.train(was_training)
-    return correct / len(images)
+    plain, flip = _accuracy_pair(model, images, labels, batch_size, with_flip=flip_tta)
+    return flip if flip_tta else plain
 
 
 class _AccuracyMeter:
@@ -436,10 +432,9 @@ def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step
     rec = {"kind": "eval", "step": step}
     splits = [("test", data.x_test, data.y_test)] + ([("val", data.x_val, data.y_val)] if data.x_val is not None else [])
     for name, x, y in splits:
+        rec[f"{name}_accuracy"], flip = _accuracy_pair(eval_model, x, y, bs, with_flip=with_flip)
         if with_flip:
-            rec[f"{name}_accuracy"], rec[f"{name}_accuracy_flip"] = accuracies(eval_model, x, y, batch_size=bs)
-        else:
-            rec[f"{name}_accuracy"] = accuracy(eval_model, x, y, batch_size=bs)
+            rec[f"{name}_accuracy_flip"] = flip
     return rec
 
 
