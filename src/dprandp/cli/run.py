@@ -6,8 +6,6 @@ Phases II + III on scikit-learn's digits), a few minutes on 2 cores, into runs/d
 
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
 from dprandp.cli.train import print_result
@@ -27,7 +25,7 @@ from dprandp.cli.train_options import (
 @click.option("--prior", type=str, default=None,
               help="use this prior file and skip Phase I (`none`: DP-SGD from scratch)")
 @click.option("--pretrain-preset", type=click.Choice(["demo", "cpu", "paper"]), default=None,
-              help="Phase I settings (default: demo for the demo preset, else cpu)")
+              help="Phase I settings (default: the one named like --preset)")
 @click.option("--pretrain-epochs", type=int, default=None, help="override Phase I epochs")
 @click.option("--pretrain-images", type=int, default=None, help="override the number of Phase I images")
 @click.option("--no-cache", is_flag=True, help="always run Phase I (do not reuse a cached prior)")
@@ -42,7 +40,7 @@ def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_image
             overwrite: bool, threads, no_progress: bool, as_json: bool, **flags) -> None:
     """Phases I + II + III end to end; prints test accuracy with (epsilon, delta)."""
     from dprandp.pipeline.config import preset as make_preset
-    from dprandp.pipeline.run import DEMO_PRETRAIN, RunConfig, run_all
+    from dprandp.pipeline.run import RunConfig, pretrain_config_for, run_all
 
     log = make_log(set_threads(threads))
     overrides = overrides_from(flags)
@@ -50,14 +48,10 @@ def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_image
     if prior is not None:
         prior_path = None if prior.lower() == "none" else prior
     else:
-        from dprandp import pretrain as p1
-
         prior_path = "<phase I>"
-        name = pretrain_preset or ("demo" if preset == "demo" else "cpu")
         model = overrides.get("model") or make_preset(preset, prior="x").model
-        base = p1.PretrainConfig(**DEMO_PRETRAIN) if name == "demo" else p1.preset(name)
-        changes = {"model": model, "epochs": pretrain_epochs, "num_images": pretrain_images}
-        pretrain_config = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+        pretrain_config = pretrain_config_for(preset, model=model, pretrain_preset=pretrain_preset,
+                                              epochs=pretrain_epochs, num_images=pretrain_images)
     config = make_preset(preset, prior=prior_path, **overrides)
     progress = progress_default(no_progress)
     result = run_all(RunConfig(train=config, pretrain=pretrain_config, cache=not no_cache),

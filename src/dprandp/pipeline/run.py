@@ -24,6 +24,18 @@ DEMO_PRETRAIN = dict(model="wrn-10-1", hidden=256, head_groups=8, batch_size=128
                      num_images=1536, image_size=32, process="stylegan-oriented", seed=0)
 
 
+def pretrain_config_for(train_preset: str, *, model: str, pretrain_preset: str | None = None,
+                        epochs: int | None = None, num_images: int | None = None):
+    """Phase I settings of ``dprandp run --preset TRAIN_PRESET``: the Phase I preset of the same name
+    (``pretrain_preset`` overrides it), pretraining the architecture that Phases II + III will train."""
+    from dprandp import pretrain as p1
+
+    name = pretrain_preset or train_preset
+    base = p1.PretrainConfig(**DEMO_PRETRAIN) if name == "demo" else p1.preset(name)
+    changes = {"model": model, "epochs": epochs, "num_images": num_images}
+    return replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DPRANDP_CACHE", Path.home() / ".cache" / "dprandp"))
 

@@ -1,0 +1,18 @@
+"""`dprandp run` pretrains with the Phase I preset named like its training preset."""
+
+from dprandp.pipeline.run import DEMO_PRETRAIN, pretrain_config_for
+from dprandp.pretrain import preset as pretrain_preset
+
+
+def test_each_training_preset_gets_the_phase1_preset_of_the_same_name():
+    paper = pretrain_config_for("paper", model="wrn-16-4")
+    assert paper == pretrain_preset("paper")  # SPEC: WRN-16-4, 200 epochs, the 4096-wide head
+    assert pretrain_config_for("cpu", model="wrn-16-1") == pretrain_preset("cpu")
+    demo = pretrain_config_for("demo", model="wrn-10-1")
+    assert (demo.model, demo.epochs, demo.num_images) == ("wrn-10-1", DEMO_PRETRAIN["epochs"], DEMO_PRETRAIN["num_images"])
+
+
+def test_flags_override_the_phase1_preset_and_the_model_follows_phases_2_and_3():
+    c = pretrain_config_for("paper", model="wrn-16-1", pretrain_preset="cpu", epochs=48, num_images=20_000)
+    assert (c.model, c.epochs, c.num_images) == ("wrn-16-1", 48, 20_000)
+    assert c.hidden == pretrain_preset("cpu").hidden
