@@ -186,3 +186,14 @@ def test_sample_rate_is_batch_over_n_from_the_config_not_from_a_loader():
     assert plan.sample_rate == 12 / 64
     assert plan.sample_rate != 1 / -(-64 // 12)
     assert all(p.sample_rate == 12 / 64 for p in plan.phases(config))
+
+
+def test_bf16_precision_trains_and_spends_the_same_budget(tmp_path, finished):
+    """bf16 changes the arithmetic of the passes, never the mechanism: same sigma, same epsilon."""
+    _, fp32 = finished
+    data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
+    result = train(tiny_config(data, prior, precision="bf16"), out=tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["precision"] == "bf16"
+    assert result.summary["noise_multiplier"] == fp32.summary["noise_multiplier"]
+    assert result.epsilon == fp32.epsilon
+    assert 0.0 <= result.test_accuracy <= 1.0

@@ -70,6 +70,10 @@ class TrainConfig:
     # computed once; Phase II then costs a few small matrix products per step). Same mechanism and
     # accounting either way (dprandp.pipeline.probe).
     phase2_features: str = "augmented"
+    # Arithmetic of the DP steps' forward and backward passes: "fp32", or "bf16" autocast (fast on
+    # CUDA and on CPUs with native bf16). Per-sample gradients, norms, clipping, sums and noise stay
+    # float32 and are computed from the same values, so the guarantee is the same either way.
+    precision: str = "fp32"
     # engineering
     device: str = "auto"  # "auto" (CUDA when available, single process), "cpu", "cuda" or "cuda:N"
     physical_batch_size: int = 128
@@ -111,6 +115,7 @@ class TrainConfig:
         if self.noise_multiplier is not None:
             pos_real("noise_multiplier")
         require(self.accountant in ("pld", "rdp"), f"unknown accountant {self.accountant!r}")
+        require(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
         require(self.phase2_features in ("augmented", "cached"),
                 f"phase2-features must be augmented or cached, got {self.phase2_features!r}")
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

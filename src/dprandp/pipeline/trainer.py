@@ -376,7 +376,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
             else:
                 cache, views_of = None, make_views
                 engine = DPSGD(model, optimizer, config=dp_config, noise_generator=gens["noise"], loss_fn=meter,
-                               all_reduce=ctx.all_reduce)
+                               all_reduce=ctx.all_reduce, precision=config.precision)
         if not ledger.allows_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier):
             eps_next = ledger.epsilon_after_next(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier)
             stopped = (f"stopped after {t} of {config.steps} steps: one more step would spend epsilon = "

@@ -1,7 +1,8 @@
 """Arithmetic precision of Phase I: bf16 autocast where the hardware runs it natively.
 
 Phase I touches no private data, so its precision is a speed/quality trade-off, never a privacy
-question (the DP phases always run in float32: see :mod:`dprandp.pipeline.trainer`). Under bf16
+question (the DP phases run in float32 unless asked otherwise, with clipping in float32 either
+way: see :func:`dprandp.privacy.clipped_grad_sum`). Under bf16
 autocast the convolutions and matmuls run in bfloat16 and the loss in float32; the weights, the
 optimizer and the saved prior stay float32.
 

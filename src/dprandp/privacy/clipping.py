@@ -68,6 +68,21 @@ def split_views(inputs: torch.Tensor, targets: torch.Tensor, multi_view: bool | 
     return inputs.reshape(inputs.shape[0] * k, *inputs.shape[2:]), k
 
 
+#: Arithmetic of the forward and backward passes of a DP step (the per-sample contractions,
+#: norms, clipping and noise always run in the parameters' dtype).
+PRECISIONS = ("fp32", "bf16")
+
+
+def low_precision_dtype(precision: str, method: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (None for fp32); bf16 needs the layer-wise method."""
+    require(precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    require(method == "layerwise", "precision bf16 needs the layer-wise per-sample method "
+            "(the model has layers only the vmap method handles)")
+    return torch.bfloat16
+
+
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     """min(1, C / (norm + 1e-6)) per sample."""
     return (max_grad_norm / (norms + _EPS)).clamp(max=1.0)
@@ -82,6 +97,7 @@ def clip_and_sum(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     multi_view: bool | None = None,
     method: str = "auto",
+    precision: str = "fp32",
 ) -> ClippedSum:
     """:func:`clipped_grad_sum` with per-sample losses and the method used (for the trainer)."""
     require(
@@ -92,14 +108,18 @@ def clip_and_sum(
     trainable = validate_model(model)
     views, k = split_views(inputs, targets, multi_view)
     method = resolve_method(model, method)
+    autocast = low_precision_dtype(precision, method)
     b = inputs.shape[0]
     if b == 0:
         zeros = {n: torch.zeros_like(p) for n, p in trainable}
         empty = torch.zeros(0, dtype=trainable[0][1].dtype, device=inputs.device)
         return ClippedSum(zeros, empty, empty, method)
     loss_fn = loss_fn or cross_entropy_per_sample
-    engine = layerwise if method == "layerwise" else functional
-    grads, losses, deferred = engine.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn)
+    if method == "layerwise":
+        grads, losses, deferred = layerwise.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn,
+                                                             autocast=autocast)
+    else:
+        grads, losses, deferred = functional.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn)
     sq = torch.zeros(b, dtype=torch.float64 if trainable[0][1].dtype == torch.float64 else torch.float32,
                      device=inputs.device)
     for n, _ in trainable:
@@ -128,6 +148,7 @@ def clipped_grad_sum(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     multi_view: bool | None = None,
     method: str = "auto",
+    precision: str = "fp32",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Sum over samples of clipped per-sample gradients, and the per-sample norms before clipping.
 
@@ -139,6 +160,9 @@ def clipped_grad_sum(
     method calls it inside ``vmap`` (one sample's K views at a time), so it must be side-effect free.
     ``method``: ``"layerwise"`` (fast rules for Conv/Linear/GroupNorm/LayerNorm), ``"vmap"``
     (``torch.func``, any layer) or ``"auto"`` (layer-wise when it covers every trainable layer).
+    ``precision``: ``"fp32"``, or ``"bf16"`` to run the forward and backward passes under bf16
+    autocast (layer-wise only). Per-sample gradients, norms and the clipped sum stay in the
+    parameters' dtype and are computed from the same values, so the clipping bound holds exactly.
 
     Returns ``(grad_sum, per_sample_norms)``: ``grad_sum`` maps every trainable parameter's name
     to a tensor of its shape; frozen parameters (requires_grad False) are absent and cost nothing.
@@ -146,6 +170,7 @@ def clipped_grad_sum(
     cross-sample layers (BatchNorm), mismatched batch dimensions or ``max_grad_norm <= 0``.
     """
     out = clip_and_sum(
-        model, inputs, targets, max_grad_norm=max_grad_norm, loss_fn=loss_fn, multi_view=multi_view, method=method
+        model, inputs, targets, max_grad_norm=max_grad_norm, loss_fn=loss_fn, multi_view=multi_view, method=method,
+        precision=precision,
     )
     return out.grad_sum, out.per_sample_norms

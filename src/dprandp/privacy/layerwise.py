@@ -23,6 +23,7 @@ All paths are exact (tests compare each against a loop of batch-size-1 backward 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,10 @@ from dprandp.errors import InputError
 
 #: Leaf module types with a per-sample rule here.
 SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.GroupNorm, nn.LayerNorm)
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    return next(p for _, p in _own_trainable(module)).dtype
 
 
 def _own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -240,12 +245,20 @@ def per_sample_grads(
     *,
     augmult: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    autocast: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Deferred]]:
     """Per-sample gradients of the mean-over-views loss, from one forward/backward pass.
 
     ``views``: (B*K, ...), sample-major (the K views of sample i are rows iK .. iK+K-1).
     Returns ``({name: (B, *param.shape)}, per_sample_loss (B,), {name: Deferred})``: parameters in
     the last dict (ghost norms) have no per-sample tensor, only squared norms and a deferred sum.
+
+    ``autocast`` (e.g. ``torch.bfloat16``): the forward and backward passes run under autocast, and
+    the loss in float32. Each layer's recorded input and output gradient are then cast to the
+    parameter's dtype *before* any per-sample contraction, so a sample's gradient, its norm (also a
+    ghost norm) and its share of the clipped sum are all computed in float32 from the same values:
+    clipping bounds exactly the vector that is summed, as in float32, and only the gradient's
+    accuracy (not the privacy guarantee) depends on the low-precision passes.
     """
     n = views.shape[0]
     b = n // augmult
@@ -270,7 +283,10 @@ def per_sample_grads(
             )
         # A ghost norm is one call's norm: only exact when the layer ran once in this forward.
         ghost_ok = uses[id(c.module)] == 1
-        for pname, grad in _rule(c.module)(c.module, c.inputs, g, b, ghost_ok).items():
+        a, dtype = c.inputs, _param_dtype(c.module)
+        if a.dtype != dtype or g.dtype != dtype:  # autocast: contract in the parameters' precision
+            a, g = a.to(dtype), g.to(dtype)
+        for pname, grad in _rule(c.module)(c.module, a, g, b, ghost_ok).items():
             key = c.prefix + pname
             if isinstance(grad, Deferred):
                 deferred[key] = grad
@@ -298,7 +314,8 @@ def per_sample_grads(
         if _own_trainable(module):
             handles.append(module.register_forward_hook(make_hook(name + "." if name else "")))
     try:
-        with torch.enable_grad():
+        low = torch.autocast(views.device.type, dtype=autocast) if autocast is not None else nullcontext()
+        with torch.enable_grad(), low:
             out = model(views)
     except RuntimeError as err:
         if "modified inplace" in str(err):
@@ -310,6 +327,8 @@ def per_sample_grads(
     finally:
         for h in handles:
             h.remove()
+    if autocast is not None:
+        out = out.float()
     losses = loss_fn(out, targets.repeat_interleave(augmult, dim=0))
     if losses.shape != (n,):
         raise InputError(f"loss_fn must return one loss per view, shape ({n},); got {tuple(losses.shape)}")

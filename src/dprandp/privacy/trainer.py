@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dprandp.errors import require
-from dprandp.privacy.clipping import clip_and_sum, resolve_method, split_views
+from dprandp.privacy.clipping import clip_and_sum, low_precision_dtype, resolve_method, split_views
 from dprandp.privacy.config import DPConfig
 from dprandp.privacy.validate import validate_model
 
@@ -48,6 +48,8 @@ class DPSGD:
     ``noise_generator`` is the only source of DP noise (seed it identically on every rank).
     ``all_reduce(t) -> t`` must return the elementwise sum of ``t`` over ranks; it is called once
     per step on one flat tensor holding the clipped-gradient sums and the step statistics.
+    ``precision="bf16"`` runs the forward and backward passes under bf16 autocast; clipping, the
+    sums and the noise stay in the parameters' dtype (see :func:`~dprandp.privacy.clipped_grad_sum`).
     """
 
     def __init__(
@@ -61,11 +63,14 @@ class DPSGD:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         method: str = "auto",
         multi_view: bool | None = None,
+        precision: str = "fp32",
     ) -> None:
         require(isinstance(config, DPConfig), f"config must be a DPConfig, got {type(config).__name__}")
         require(isinstance(noise_generator, torch.Generator), "DPSGD needs an explicit torch.Generator for the noise")
         self.trainable = validate_model(model)
         self.method = resolve_method(model, method)
+        low_precision_dtype(precision, self.method)  # refuse a bad precision now, not at the first step
+        self.precision = precision
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -143,7 +148,7 @@ class DPSGD:
                 continue
             out = clip_and_sum(
                 self.model, x, y, max_grad_norm=cfg.max_grad_norm, loss_fn=self.loss_fn,
-                multi_view=self.multi_view, method=self.method,
+                multi_view=self.multi_view, method=self.method, precision=self.precision,
             )
             for n, g in out.grad_sum.items():
                 sums[n] += g
