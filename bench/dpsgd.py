@@ -16,6 +16,8 @@ max RSS growth. Methods:
 * ``engine-freeze1``/``engine-freeze2`` (ask with ``--methods``): Phase III with the trunk's first
   one or two stages frozen (``--freeze-stages``); ``engine speed-up vs this`` compares them with
   the full fine-tuning step.
+* ``engine-bf16``/``nonprivate-bf16`` (ask with ``--methods``): the same steps with the forward and
+  backward passes under bf16 autocast (``--precision bf16``; the engine still clips in float32).
 
 Usage: ``python bench/dpsgd.py [--threads 1] [--images 64] [--rounds 3]`` (about 10 min on 2 cores).
 ``img/s`` counts images (views) through the network; ``samples/s`` counts private samples.
@@ -56,7 +58,8 @@ def _make_step(method: str, spec: dict):
 
     k, images = spec["augmult"], spec["images"]
     samples = max(1, images // k)
-    model = create_model(spec["model"], num_classes=10, seed=0)
+    model = create_model(spec["model"], num_classes=10, seed=0, head_pool=spec.get("head_pool", 1))
+    bf16 = method.endswith("-bf16")
     if method.endswith("phase2"):
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(model.PRIOR_LACKS))
@@ -77,12 +80,15 @@ def _make_step(method: str, spec: dict):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(flat), yy).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(flat)
+            F.cross_entropy(logits.float(), yy).backward()
             opt.step()
 
     elif method.startswith("engine"):
         dp = DPSGD(model, opt, config=cfg, noise_generator=torch.Generator().manual_seed(1),
-                   method="vmap" if method == "engine-vmap" else "layerwise", multi_view=True)
+                   method="vmap" if method == "engine-vmap" else "layerwise", multi_view=True,
+                   precision="bf16" if bf16 else "fp32")
 
         def step():
             dp.step(x, y)
@@ -173,7 +179,7 @@ def run_all(args) -> list[dict]:
         for k in args.augmults:
             rounds = args.rounds if model != "wrn-16-1" else args.rounds * 2
             spec = dict(model=model, augmult=k, images=args.images, methods=args.methods, threads=args.threads,
-                        warmup=args.warmup, rounds=rounds)
+                        warmup=args.warmup, rounds=rounds, head_pool=args.head_pool)
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True, env=env)
@@ -200,7 +206,8 @@ def table(results: list[dict]) -> str:
         base = by.get((model, k, "nonprivate-phase2" if phase2 else "nonprivate"))
         eng = by.get((model, k, "engine-phase2" if phase2 else "engine"))
         ratio = f"{r['seconds'] / base['seconds']:.2f}x" if base else "-"
-        speed = f"{r['seconds'] / eng['seconds']:.2f}x" if eng and (not method.startswith("engine") or "-freeze" in method) else "-"
+        variant = "-freeze" in method or method.endswith("-bf16")
+        speed = f"{r['seconds'] / eng['seconds']:.2f}x" if eng and (not method.startswith("engine") or variant) else "-"
         lines.append(f"| {model} | {k} | {method} | {r['img_per_s']:.1f} | {r['samples_per_s']:.2f} | {r['median_seconds']:.2f} | {ratio} | {speed} | "
                      f"{r['mem_mb_per_sample']:.1f} |")
     return "\n".join(lines)
@@ -215,6 +222,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--models", default="wrn-16-1,wrn-16-4")
     ap.add_argument("--augmults", default="1,16")
+    ap.add_argument("--head-pool", type=int, default=1, help="the head reads a P x P grid of pooled features")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--section", default="dpsgd",
                     help="BENCHMARKS.md section (e.g. dpsgd_freeze for a --methods subset)")
@@ -246,7 +254,9 @@ def main() -> None:
         notes = (
             title + "\n\n"
             f"{args.images} images per step (K = 1: {args.images} samples; K = 16: {args.images // 16} samples x 16 views), "
-            f"{args.threads} thread(s), best of {args.rounds} interleaved timed steps per method after {args.warmup} warm-up "
+            f"{args.threads} thread(s), "
+            + (f"the head reading a {args.head_pool} x {args.head_pool} grid of pooled features, " if args.head_pool > 1 else "")
+            + f"best of {args.rounds} interleaved timed steps per method after {args.warmup} warm-up "
             "(wrn-16-1: 2x the rounds), one process per model and K. `time / non-private` compares with the non-private step "
             "of the same "
             "trainable set; `engine speed-up vs this` = this method's step time / the engine's. Memory: peak RSS growth "

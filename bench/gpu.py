@@ -8,8 +8,9 @@ measured):
    bf16 autocast, channels_last) for the paper model (WRN-16-4, 4096-wide head) and the cpu model,
    and the paper run's time extrapolated (105k images x 200 epochs);
 3. ``dp_steps``: paper-preset DP-SGD steps (WRN-16-4, Poisson B = 4096 of N = 50,000, K = 16 and 4, C = 1,
-   sigma = 9.3) of Phase II (trunk frozen) and Phase III (all parameters), against a non-private
-   step on the same views, and the 96 + 779 step run extrapolated;
+   sigma = 9.3) of Phase II (trunk frozen) and Phase III (all parameters), in float32 and with
+   ``--precision bf16``, against a non-private step on the same views at the same precision, and the
+   96 + 779 step run extrapolated per K and precision;
 4. ``priors``: StyleGAN-Oriented images rendered by CPU worker processes while 1-3 run, then
    time-boxed Phase I runs of the cpu model (WRN-16-1) and the paper model (WRN-16-4); the priors
    are written to ``OUT`` for the CPU experiments (``bench/prior_quality.py``, ``bench/utility.py``).
@@ -136,7 +137,7 @@ def section_pretrain_throughput(res, args, device, tmp):
     return out
 
 
-def _dp_timing(model_name, phase, *, n, b, k, p, steps, device, nonprivate):
+def _dp_timing(model_name, phase, *, n, b, k, p, steps, device, nonprivate, precision="fp32"):
     import torch
     from torch.nn import functional as F
 
@@ -162,7 +163,7 @@ def _dp_timing(model_name, phase, *, n, b, k, p, steps, device, nonprivate):
                                physical_batch_size=p)
     sampler = PoissonSampler(num_samples=n, sample_rate=cfg.sample_rate, generator=torch.Generator().manual_seed(2))
     opt = torch.optim.SGD(params, lr=0.1)
-    engine = DPSGD(model, opt, config=cfg, noise_generator=torch.Generator().manual_seed(3))
+    engine = DPSGD(model, opt, config=cfg, noise_generator=torch.Generator().manual_seed(3), precision=precision)
 
     def sync():
         if device.type == "cuda":
@@ -178,7 +179,7 @@ def _dp_timing(model_name, phase, *, n, b, k, p, steps, device, nonprivate):
         if i:
             times.append(time.perf_counter() - t)
             sizes.append(idx.numel())
-    out = {"model": model_name, "phase": phase, "B": b, "K": k, "physical": p, "steps": steps,
+    out = {"model": model_name, "phase": phase, "B": b, "K": k, "physical": p, "steps": steps, "precision": precision,
            "seconds_per_step": float(np.median(times)), "samples": sizes,
            "views_per_s": float(np.sum(sizes) * k / np.sum(times))}
     if nonprivate:
@@ -190,7 +191,9 @@ def _dp_timing(model_name, phase, *, n, b, k, p, steps, device, nonprivate):
             opt.zero_grad(set_to_none=True)
             for j in range(0, idx.numel(), p):
                 v, y = make_views(idx[j:j + p])
-                loss = F.cross_entropy(model(v.flatten(0, 1)), y.repeat_interleave(k), reduction="sum") / (b * k)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    logits = model(v.flatten(0, 1))
+                loss = F.cross_entropy(logits.float(), y.repeat_interleave(k), reduction="sum") / (b * k)
                 loss.backward()
             opt.step()
             sync()
@@ -212,22 +215,28 @@ def section_dp_steps(res, args, device):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     if args.smoke:
-        plan = [("wrn-10-1", "II", 64, 2, 32, 1), ("wrn-10-1", "III", 64, 2, 32, 1),
-                ("wrn-10-1", "II", 64, 1, 64, 1), ("wrn-10-1", "III", 64, 1, 64, 1)]
+        plan = [("wrn-10-1", "II", 64, 2, 32, 1, "fp32"), ("wrn-10-1", "III", 64, 2, 32, 1, "fp32"),
+                ("wrn-10-1", "II", 64, 2, 32, 1, "bf16"), ("wrn-10-1", "III", 64, 2, 32, 1, "bf16"),
+                ("wrn-10-1", "II", 64, 1, 64, 1, "fp32"), ("wrn-10-1", "III", 64, 1, 64, 1, "fp32")]
         n = 640
-    else:  # the paper's K = 16, then K = 4 with the same views per physical batch (same B, T, sigma: same epsilon)
-        plan = [("wrn-16-4", "II", 4096, 16, 512, 2), ("wrn-16-4", "III", 4096, 16, 512, 2),
-                ("wrn-16-4", "II", 4096, 4, 2048, 2), ("wrn-16-4", "III", 4096, 4, 2048, 2)]
+    else:  # the paper's K = 16 in float32 and with bf16 passes (--precision bf16), then K = 4 with the same
+        # views per physical batch (same B, T, sigma: same epsilon)
+        plan = [("wrn-16-4", "II", 4096, 16, 512, 2, "fp32"), ("wrn-16-4", "III", 4096, 16, 512, 2, "fp32"),
+                ("wrn-16-4", "II", 4096, 16, 512, 2, "bf16"), ("wrn-16-4", "III", 4096, 16, 512, 2, "bf16"),
+                ("wrn-16-4", "II", 4096, 4, 2048, 2, "bf16"), ("wrn-16-4", "III", 4096, 4, 2048, 2, "bf16"),
+                ("wrn-16-4", "II", 4096, 4, 2048, 2, "fp32"), ("wrn-16-4", "III", 4096, 4, 2048, 2, "fp32")]
         n = 50_000
     rows = []
-    for model, phase, b, k, p, steps in plan:
+    for model, phase, b, k, p, steps, precision in plan:
         if elapsed() > args.deadline_s * 0.6:
             log("dp_steps: skipping the rest (time box)")
             break
         try:
-            r = _dp_timing(model, phase, n=n, b=b, k=k, p=p, steps=steps, device=device, nonprivate=True)
+            r = _dp_timing(model, phase, n=n, b=b, k=k, p=p, steps=steps, device=device, nonprivate=True,
+                           precision=precision)
         except Exception as exc:  # noqa: BLE001 (report, keep measuring)
-            r = {"model": model, "phase": phase, "K": k, "physical": p, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            r = {"model": model, "phase": phase, "K": k, "physical": p, "precision": precision,
+                 "error": f"{type(exc).__name__}: {exc}"[:500]}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         log(f"dp step {r}")
@@ -237,21 +246,29 @@ def section_dp_steps(res, args, device):
     return out
 
 
-def extrapolate(rows) -> dict:
-    """Phases II + III of the paper's epsilon = 1 run (96 + 779 steps) from the fastest timed step of each
-    phase, per number of views K; ``paper_run_*`` is the paper's K (the largest timed)."""
-    ok = [r for r in rows if "seconds_per_step" in r]
+def _hours_by_augmult(ok) -> dict[int, float]:
     hours = {}
     for k in sorted({r["K"] for r in ok}):
         s2 = min((r["seconds_per_step"] for r in ok if r["phase"] == "II" and r["K"] == k), default=None)
         s3 = min((r["seconds_per_step"] for r in ok if r["phase"] == "III" and r["K"] == k), default=None)
         if s2 is not None and s3 is not None:
             hours[k] = (96 * s2 + 779 * s3) / 3600
-    if not hours:
-        return {}
-    k_paper = max(hours)
-    return {"paper_run_seconds": hours[k_paper] * 3600, "paper_run_gpu_hours": hours[k_paper],
-            "gpu_hours_by_augmult": {str(k): h for k, h in hours.items()}}
+    return hours
+
+
+def extrapolate(rows) -> dict:
+    """Phases II + III of the paper's epsilon = 1 run (96 + 779 steps) from the fastest timed step of each
+    phase, per number of views K and per precision; ``paper_run_*`` is the paper's setting (float32 and
+    the largest K timed); bf16 rows (``--precision bf16``) go to ``gpu_hours_by_augmult_bf16``."""
+    ok = [r for r in rows if "seconds_per_step" in r]
+    hours = _hours_by_augmult([r for r in ok if r.get("precision", "fp32") == "fp32"])
+    bf16 = _hours_by_augmult([r for r in ok if r.get("precision") == "bf16"])
+    out = {"gpu_hours_by_augmult_bf16": {str(k): h for k, h in bf16.items()}} if bf16 else {}
+    if hours:
+        k_paper = max(hours)
+        out.update({"paper_run_seconds": hours[k_paper] * 3600, "paper_run_gpu_hours": hours[k_paper],
+                    "gpu_hours_by_augmult": {str(k): h for k, h in hours.items()}})
+    return out
 
 
 def section_priors(res, args, device, renderer, out_dir):
@@ -324,6 +341,7 @@ def write_section(result: dict, command: str) -> None:
                   "| phase | K | precision | physical batch | s / step | views/s | non-private s / step | "
                   "DP / non-private | peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for prec, r in dp_rows:
+            prec = r.get("precision", prec)
             if "error" in r:
                 lines.append(f"| {r['phase']} | {r.get('K', '?')} | {prec} | {r['physical']} | failed: {r['error'][:80]} | | | | |")
                 continue
@@ -341,6 +359,10 @@ def write_section(result: dict, command: str) -> None:
                 if int(k) != max(map(int, by_k)):  # the paper's K is reported just above
                     lines += ["", (f"The same 96 + 779 steps with K = {k} views (same B, T and sigma, so the "
                                    f"same epsilon; accuracy not measured here): **{h:.2f} GPU-hours**.")]
+            for k, h in dp.get("gpu_hours_by_augmult_bf16", {}).items():
+                lines += ["", (f"The same 96 + 779 steps with K = {k} and `--precision bf16` (forward and backward "
+                               f"in bf16; clipping, sums and noise in float32; accuracy not measured here): "
+                               f"**{h:.2f} GPU-hours**.")]
         lines.append("")
     pr = result.get("priors", {})
     if pr.get("rows"):

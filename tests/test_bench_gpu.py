@@ -24,3 +24,14 @@ def test_a_k_missing_a_phase_is_not_extrapolated():
     assert extrapolate([_row("III", 16, 8.0)]) == {}
     assert set(extrapolate([_row("II", 16, 2.0), _row("III", 16, 8.0), _row("III", 4, 2.0)])
                ["gpu_hours_by_augmult"]) == {"16"}
+
+
+def test_bf16_rows_are_extrapolated_apart_from_the_papers_float32():
+    rows = [dict(_row("II", 16, 2.0), precision="fp32"), dict(_row("III", 16, 8.0), precision="fp32"),
+            dict(_row("II", 16, 1.0), precision="bf16"), dict(_row("III", 16, 3.0), precision="bf16"),
+            dict(_row("III", 4, 1.0), precision="bf16")]  # K = 4 bf16 lacks Phase II: no estimate
+    out = extrapolate(rows)
+    assert out["paper_run_gpu_hours"] == pytest.approx((96 * 2.0 + 779 * 8.0) / 3600)  # never the bf16 rows
+    assert out["gpu_hours_by_augmult_bf16"] == {"16": pytest.approx((96 * 1.0 + 779 * 3.0) / 3600)}
+    assert extrapolate([dict(_row("II", 16, 1.0), precision="bf16"), dict(_row("III", 16, 3.0), precision="bf16")]
+                       ).keys() == {"gpu_hours_by_augmult_bf16"}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from pipeline_helpers import make_prior, tiny_npz
+from test_privacy_bf16 import assert_bf16_clipping_bound, models_and_batches, route
 from test_privacy_clipping import clipped_reference, loop_reference
 
 from dprandp.models import create_model
@@ -62,6 +63,14 @@ def test_tf32_is_off_for_dp_training(no_tf32):
     device, _ = _run_device(preset("demo", device="cuda"))
     assert device.type == "cuda"
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("path", ["grouped", "unfold", "ghost"])
+def test_bf16_on_cuda_clips_exactly_the_summed_vector(monkeypatch, path, no_tf32):
+    """cuDNN's bf16 passes: each sample alone still contributes norm <= C (= C when clipped)."""
+    route(monkeypatch, path)
+    for model, x, y in models_and_batches(2, device="cuda"):
+        assert_bf16_clipping_bound(model, x, y)
 
 
 def test_noise_std_on_cuda_is_sigma_c_over_b():

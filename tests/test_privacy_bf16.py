@@ -20,7 +20,7 @@ from dprandp.privacy import DPSGD, DPConfig, clipped_grad_sum
 from dprandp.privacy.layerwise import per_sample_grads
 
 
-def _route(monkeypatch, path):
+def route(monkeypatch, path):
     from dprandp.privacy import layerwise
 
     monkeypatch.setattr(layerwise, "_use_ghost", lambda *a: path == "ghost")
@@ -28,32 +28,42 @@ def _route(monkeypatch, path):
     monkeypatch.setattr(layerwise, "_UNFOLD_MAX_POSITIONS", 10**9)
 
 
-@pytest.mark.parametrize("path", ["grouped", "unfold", "ghost"])
-@pytest.mark.parametrize("views", [0, 2])
-def test_each_samples_clipped_contribution_has_norm_at_most_c(monkeypatch, path, views):
-    _route(monkeypatch, path)
+def assert_bf16_clipping_bound(model, x, y):
+    """Each sample alone contributes norm <= C, and exactly C (float32 rounding) when clipped."""
+    _, norms = clipped_grad_sum(model, x, y, max_grad_norm=1e9, precision="bf16")
+    c = float(norms.median())  # some samples clipped, some not
+    for i in range(x.shape[0]):
+        g, n = clipped_grad_sum(model, x[i:i + 1], y[i:i + 1], max_grad_norm=c, precision="bf16")
+        assert all(t.dtype == torch.float32 for t in g.values())
+        contribution = float(norm_of(g))
+        assert contribution <= c * (1 + 1e-5)
+        if float(n) > c:
+            assert contribution == pytest.approx(c, rel=1e-5)  # the norm clipped is the norm summed
+        else:
+            assert contribution == pytest.approx(float(n), rel=1e-5)
+
+
+def models_and_batches(views, device="cpu"):
     gen = torch.Generator().manual_seed(3)
     for model in (create_model("wrn-10-1", num_classes=5, seed=0), Convs(), Mixed()):
         shape = (4, views, 3, 16, 16) if views else (4, 3, 16, 16)
         x = torch.randn(shape, generator=gen)
         y = torch.randint(0, 3, (4,), generator=gen)
-        _, norms = clipped_grad_sum(model, x, y, max_grad_norm=1e9, precision="bf16")
-        c = float(norms.median())  # some samples clipped, some not
-        for i in range(4):
-            g, n = clipped_grad_sum(model, x[i:i + 1], y[i:i + 1], max_grad_norm=c, precision="bf16")
-            assert all(t.dtype == torch.float32 for t in g.values())
-            contribution = float(norm_of(g))
-            assert contribution <= c * (1 + 1e-5)
-            if float(n) > c:
-                assert contribution == pytest.approx(c, rel=1e-5)  # the norm clipped is the norm summed
-            else:
-                assert contribution == pytest.approx(float(n), rel=1e-5)
+        yield model.to(device), x.to(device), y.to(device)
+
+
+@pytest.mark.parametrize("path", ["grouped", "unfold", "ghost"])
+@pytest.mark.parametrize("views", [0, 2])
+def test_each_samples_clipped_contribution_has_norm_at_most_c(monkeypatch, path, views):
+    route(monkeypatch, path)
+    for model, x, y in models_and_batches(views):
+        assert_bf16_clipping_bound(model, x, y)
 
 
 def test_bf16_per_sample_gradients_approximate_the_float64_loop(monkeypatch):
     """Accuracy, not privacy: each bf16 per-sample gradient points where the exact one does
     (about 12 % relative error on this randomly initialised net; a wrong sample's gradient is ~140 %)."""
-    _route(monkeypatch, "grouped")  # materialise every per-sample gradient
+    route(monkeypatch, "grouped")  # materialise every per-sample gradient
     gen = torch.Generator().manual_seed(5)
     model = create_model("wrn-10-1", num_classes=5, seed=0)
     x = torch.randn(4, 3, 16, 16, generator=gen)

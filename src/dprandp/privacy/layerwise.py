@@ -105,7 +105,11 @@ def _use_ghost(positions: int, fan_in: int, fan_out: int) -> bool:
 
 
 def _conv2d_weight_ghost(module, a: torch.Tensor, g: torch.Tensor, b: int, padding: list[int]) -> Deferred:
-    """||sum_t g_t a_t^T||^2 = sum_{t,t'} (g_t . g_t')(a_t . a_t') per sample, over views and positions."""
+    """||sum_t g_t a_t^T||^2 = sum_{t,t'} (g_t . g_t')(a_t . a_t') per sample, over views and positions.
+
+    Computed in the weight's dtype even under autocast: the norm (Gram matrices) and the clipped sum
+    (``finish``) are two different contractions, and only in float32 do they agree to rounding."""
+    a, g = a.to(module.weight.dtype), g.to(module.weight.dtype)
     cols = _im2col(a, module, padding)  # (N, d, T)
     d, t = cols.shape[1], cols.shape[2]
     x = cols.reshape(b, -1, d, t).transpose(1, 2).reshape(b, d, -1)  # (B, d, K*T)
@@ -254,11 +258,11 @@ def per_sample_grads(
     the last dict (ghost norms) have no per-sample tensor, only squared norms and a deferred sum.
 
     ``autocast`` (e.g. ``torch.bfloat16``): the forward and backward passes run under autocast, and
-    the loss in float32. Each layer's recorded input and output gradient are then cast to the
-    parameter's dtype *before* any per-sample contraction, so a sample's gradient, its norm (also a
-    ghost norm) and its share of the clipped sum are all computed in float32 from the same values:
-    clipping bounds exactly the vector that is summed, as in float32, and only the gradient's
-    accuracy (not the privacy guarantee) depends on the low-precision passes.
+    the loss in float32. A materialised per-sample gradient is contracted in the dtype its layer ran
+    in and upcast to the parameter's dtype once; the norm and the clipped sum then both read that one
+    tensor. Ghost norms are contracted in the parameter's dtype, where the Gram-matrix norm and the
+    re-weighted weight gradient agree to rounding. Either way clipping bounds exactly the vector that
+    is summed, as in float32; only the gradient's accuracy depends on the low-precision passes.
     """
     n = views.shape[0]
     b = n // augmult
@@ -284,13 +288,16 @@ def per_sample_grads(
         # A ghost norm is one call's norm: only exact when the layer ran once in this forward.
         ghost_ok = uses[id(c.module)] == 1
         a, dtype = c.inputs, _param_dtype(c.module)
-        if a.dtype != dtype or g.dtype != dtype:  # autocast: contract in the parameters' precision
-            a, g = a.to(dtype), g.to(dtype)
+        if a.dtype != g.dtype or (isinstance(c.module, (nn.GroupNorm, nn.LayerNorm)) and g.dtype != dtype):
+            # autocast: contract in the dtype the layer ran in (norm layers: the parameters')
+            low = dtype if isinstance(c.module, (nn.GroupNorm, nn.LayerNorm)) else g.dtype
+            a, g = a.to(low), g.to(low)
         for pname, grad in _rule(c.module)(c.module, a, g, b, ghost_ok).items():
             key = c.prefix + pname
             if isinstance(grad, Deferred):
                 deferred[key] = grad
-            else:
+            else:  # upcast once: the norm and the clipped sum both read this very tensor
+                grad = grad.to(dtype)
                 grads[key] = grads[key] + grad if key in grads else grad
         c.inputs = None
 
