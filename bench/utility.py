@@ -55,6 +55,8 @@ def command_for(arm: str, eps: float, seed: int, a) -> str:
         base += f" --val-fraction {a.val_fraction:g}"
     if arm != "scratch" and a.phase2_features != "augmented":
         base += f" --phase2-features {a.phase2_features}"
+    if getattr(a, "precision", "fp32") != "fp32":
+        base += f" --precision {a.precision}"
     if arm == "scratch":
         return f"{base} --prior none --steps {a.steps} --lr-phase3 {a.lr_scratch:g}"
     if arm == "lp":
@@ -70,7 +72,8 @@ def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
     common = dict(dataset="cifar10", data=str(DATA), target_epsilon=eps, batch_size=a.batch_size,
                   augmult=a.augmult, seed=seed, physical_batch_size=a.physical_batch_size,
                   eval_every=0, checkpoint_every=max(a.steps, 1), model=a.model, momentum=a.momentum,
-                  val_fraction=a.val_fraction, phase2_features=a.phase2_features, head_pool=a.head_pool)
+                  val_fraction=a.val_fraction, phase2_features=a.phase2_features, head_pool=a.head_pool,
+                  precision=a.precision)
     if arm == "scratch":
         cfg = preset("cpu", prior=None, steps=a.steps, lr_phase3=a.lr_scratch, **common)
     elif arm == "lp":
@@ -190,7 +193,7 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
                r.get("prior_sha256") or Path(cfg.get("prior") or "none").name, cfg.get("phase2_features", "augmented"),
                cfg.get("lr_phase2"), cfg.get("phase2_steps"),
                cfg.get("lr_phase3"), cfg.get("momentum"), cfg.get("val_fraction", 0.0), cfg.get("model"),
-               cfg.get("head_pool", 1), cfg.get("freeze_stages", 0))
+               cfg.get("head_pool", 1), cfg.get("freeze_stages", 0), cfg.get("precision", "fp32"))
         groups.setdefault(key, []).append(r)
     names = {"scratch": "(a) DP-SGD from scratch", "lp": "(b) DP-RandP without Phase III",
              "randp": "(c) DP-RandP (I + II + III)", "nonprivate": "non-private ceiling"}
@@ -260,6 +263,8 @@ def main() -> None:
     p.add_argument("--physical-batch-size", type=int, default=250)
     p.add_argument("--phase2-features", choices=["augmented", "cached"], default="augmented")
     p.add_argument("--momentum", type=float, nargs="+", default=[0.0])
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="forward/backward arithmetic of the DP steps (clipping stays float32)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="carve a validation split from train (for tuning: compare val_accuracy, not test)")
     p.add_argument("--threads", type=int, default=2)
