@@ -26,6 +26,7 @@ def route(monkeypatch, path):
     monkeypatch.setattr(layerwise, "_use_ghost", lambda *a: path == "ghost")
     monkeypatch.setattr(layerwise, "_UNFOLD_MIN_FAN_IN", 0 if path == "unfold" else 10**9)
     monkeypatch.setattr(layerwise, "_UNFOLD_MAX_POSITIONS", 10**9)
+    monkeypatch.setattr(layerwise, "_UNFOLD_MAX_POSITIONS_BF16_CPU", 10**9 if path == "unfold" else 0)
 
 
 def assert_bf16_clipping_bound(model, x, y):
