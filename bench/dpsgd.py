@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
     ap.add_argument("--json", help="also save raw results here")
     ap.add_argument("--notes", help="markdown file appended to the section (analysis of the numbers)")
+    ap.add_argument("--from-json", help="render the section from results saved by --json instead of running")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
@@ -236,7 +237,7 @@ def main() -> None:
     args.models = args.models.split(",")
     args.augmults = [int(v) for v in args.augmults.split(",")]
     args.methods = args.methods.split(",")
-    results = run_all(args)
+    results = json.loads(Path(args.from_json).read_text()) if args.from_json else run_all(args)
     md = table(results)
     print(md)
     if args.json:
@@ -263,7 +264,8 @@ def main() -> None:
             "over two steps in a forked process, per private sample.\n\n" + md
         )
         write_section(args.section, notes + ("\n\n" + Path(args.notes).read_text() if args.notes else ""),
-                      command="python bench/dpsgd.py " + " ".join(sys.argv[1:]))
+                      command="python bench/dpsgd.py " + " ".join(  # the measuring command, not the re-render
+                          a for a in sys.argv[1:] if a not in ("--from-json", args.from_json)))
 
 
 if __name__ == "__main__":
