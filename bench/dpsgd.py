@@ -213,6 +213,19 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` less ``flag VALUE`` (the section records the measuring command, not a re-render)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -264,8 +277,7 @@ def main() -> None:
             "over two steps in a forked process, per private sample.\n\n" + md
         )
         write_section(args.section, notes + ("\n\n" + Path(args.notes).read_text() if args.notes else ""),
-                      command="python bench/dpsgd.py " + " ".join(  # the measuring command, not the re-render
-                          a for a in sys.argv[1:] if a not in ("--from-json", args.from_json)))
+                      command="python bench/dpsgd.py " + " ".join(_without_option(sys.argv[1:], "--from-json")))
 
 
 if __name__ == "__main__":
