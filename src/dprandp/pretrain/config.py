@@ -86,7 +86,9 @@ PRESETS: dict[str, PretrainConfig] = {
     # (CPUs with AVX512-BF16/AMX; BENCHMARKS.md, pretrain_precision). 15k images x 36 epochs (4,212
     # steps of 128) take 67 min under bf16 with another job sharing the cores. The epochs were
     # chosen on a validation split (10 % of CIFAR-10's train, epsilon = 1, BENCHMARKS.md,
-    # utility_tuning): with lr_III = 2, DP-RandP reached 57.7 % after 24 epochs and 60.1 % after 36
+    # utility_tuning): with lr_III = 2, DP-RandP reached 57.7 % after 24 epochs, 60.1 % after 36 and
+    # 61.2 % after 48 (62.8 % on test, n = 1; 48 epochs stay out of the preset until a whole run is
+    # timed under 2 h: Phase I took 85 min there)
     # (with lr_III = 4: 52.1 % after 12 epochs, 55.4 % after 24). The lr is
     # SPEC's 0.12 per 256: a 3x higher lr gave a 1.2-point better non-private linear probe (37.6 vs
     # 36.4 %) but a 4-point *worse* DP-RandP model at epsilon = 1 (35.9 % vs 40.0 +- 0.3 %, n = 1 / 3;
