@@ -67,11 +67,11 @@ def test_bf16_per_sample_gradients_approximate_the_float64_loop(monkeypatch):
     route(monkeypatch, "grouped")  # materialise every per-sample gradient
     gen = torch.Generator().manual_seed(5)
     model = create_model("wrn-10-1", num_classes=5, seed=0)
-    x = torch.randn(4, 3, 16, 16, generator=gen)
+    x = torch.randn(4, 2, 3, 16, 16, generator=gen)  # two views per sample: averaged before clipping
     y = torch.randint(0, 5, (4,), generator=gen)
-    ref = loop_reference(model.double(), x.double(), y)
+    ref = loop_reference(model.double(), x.double(), y)  # one backward pass per view, views averaged
     model.float()
-    grads, _, deferred = per_sample_grads(model, x, y, augmult=1, autocast=torch.bfloat16,
+    grads, _, deferred = per_sample_grads(model, x.flatten(0, 1), y, augmult=2, autocast=torch.bfloat16,
                                           loss_fn=lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none"))
     assert not deferred
     for i in range(4):

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from dprandp.data import DATASETS
-from dprandp.pipeline.config import PRESETS
+from dprandp.pipeline.config import PRECISIONS, PRESETS
 
 
 def _positive(name, allow_zero=False):
@@ -61,7 +61,7 @@ TRAIN_FLAGS = [
     ("--lr-phase3", "lr_phase3", dict(type=float, callback=_positive("--lr-phase3"), help="SGD learning rate of Phase III")),
     ("--freeze-stages", "freeze_stages", dict(type=int, callback=_int_at_least("--freeze-stages", 0), help="Phase III keeps the trunk's first k stages frozen (0: fine-tune all, the paper; frozen stages cost no backward pass)")),
     ("--phase2-features", "phase2_features", dict(type=click.Choice(["augmented", "cached"]), help="Phase II inputs: K augmented views through the frozen trunk (paper) or its features of the un-augmented images, computed once (much faster)")),
-    ("--precision", "precision", dict(type=click.Choice(["fp32", "bf16"]), help="forward/backward arithmetic of the DP steps: fp32 (default) or bf16 autocast (CUDA, CPUs with native bf16); clipping, sums and noise stay float32")),
+    ("--precision", "precision", dict(type=click.Choice(PRECISIONS), help="forward/backward arithmetic of the DP steps: fp32 (default) or bf16 autocast (CUDA, CPUs with native bf16); clipping, sums and noise stay float32")),
     ("--momentum", "momentum", dict(type=float, callback=_positive("--momentum", allow_zero=True), help="SGD momentum (paper: 0)")),
     ("--device", "device", dict(type=str, help="auto (CUDA if available; default), cpu, cuda or cuda:N")),
     ("--physical-batch-size", "physical_batch_size", dict(type=int, callback=_int_at_least("--physical-batch-size", 1), help="samples per forward pass (memory only)")),

@@ -28,6 +28,10 @@ from dprandp.errors import InputError, require
 PAPER_PHASE2_SHARE = 96 / 875
 
 
+#: ``precision`` values: the DP steps' forward/backward arithmetic (clipping is float32 either way).
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything that defines one DP training run (Phases II + III).
@@ -115,7 +119,7 @@ class TrainConfig:
         if self.noise_multiplier is not None:
             pos_real("noise_multiplier")
         require(self.accountant in ("pld", "rdp"), f"unknown accountant {self.accountant!r}")
-        require(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
+        require(self.precision in PRECISIONS, f"precision must be {' or '.join(PRECISIONS)}, got {self.precision!r}")
         require(self.phase2_features in ("augmented", "cached"),
                 f"phase2-features must be augmented or cached, got {self.phase2_features!r}")
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

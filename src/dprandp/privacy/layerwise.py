@@ -292,11 +292,11 @@ def per_sample_grads(
             )
         # A ghost norm is one call's norm: only exact when the layer ran once in this forward.
         ghost_ok = uses[id(c.module)] == 1
-        a, dtype = c.inputs, _param_dtype(c.module)
-        if a.dtype != g.dtype or (isinstance(c.module, (nn.GroupNorm, nn.LayerNorm)) and g.dtype != dtype):
-            # autocast: contract in the dtype the layer ran in (norm layers: the parameters')
-            low = dtype if isinstance(c.module, (nn.GroupNorm, nn.LayerNorm)) else g.dtype
-            a, g = a.to(low), g.to(low)
+        dtype = _param_dtype(c.module)
+        # Under autocast, contract in the dtype the layer's output gradient has (norm layers: the
+        # parameters'); without autocast every dtype already agrees and .to() is a no-op.
+        work = dtype if isinstance(c.module, (nn.GroupNorm, nn.LayerNorm)) else g.dtype
+        a, g = c.inputs.to(work), g.to(work)
         for pname, grad in _rule(c.module)(c.module, a, g, b, ghost_ok).items():
             key = c.prefix + pname
             if isinstance(grad, Deferred):
