@@ -13,6 +13,6 @@ def test_each_training_preset_gets_the_phase1_preset_of_the_same_name():
 
 
 def test_flags_override_the_phase1_preset_and_the_model_follows_phases_2_and_3():
-    c = pretrain_config_for("paper", model="wrn-16-1", pretrain_preset="cpu", epochs=48, num_images=20_000)
-    assert (c.model, c.epochs, c.num_images) == ("wrn-16-1", 48, 20_000)
+    c = pretrain_config_for("paper", model="wrn-16-1", pretrain_preset="cpu", epochs=48, num_images=20_000, seed=3)
+    assert (c.model, c.epochs, c.num_images, c.seed) == ("wrn-16-1", 48, 20_000, 3)
     assert c.hidden == pretrain_preset("cpu").hidden

@@ -28,6 +28,8 @@ from dprandp.cli.train_options import (
               help="Phase I settings (default: the one named like --preset)")
 @click.option("--pretrain-epochs", type=int, default=None, help="override Phase I epochs")
 @click.option("--pretrain-images", type=int, default=None, help="override the number of Phase I images")
+@click.option("--pretrain-seed", type=int, default=None,
+              help="override the Phase I seed (its images, init and augmentation; a different prior)")
 @click.option("--no-cache", is_flag=True, help="always run Phase I (do not reuse a cached prior)")
 @train_options
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -36,7 +38,7 @@ from dprandp.cli.train_options import (
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, or 1 if the machine is busy)")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print summary.json as one JSON object")
-def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_images, no_cache: bool, out,
+def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_images, pretrain_seed, no_cache: bool, out,
             overwrite: bool, threads, no_progress: bool, as_json: bool, **flags) -> None:
     """Phases I + II + III end to end; prints test accuracy with (epsilon, delta)."""
     from dprandp.pipeline.config import preset as make_preset
@@ -51,7 +53,8 @@ def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_image
         prior_path = "<phase I>"
         model = overrides.get("model") or make_preset(preset, prior="x").model
         pretrain_config = pretrain_config_for(preset, model=model, pretrain_preset=pretrain_preset,
-                                              epochs=pretrain_epochs, num_images=pretrain_images)
+                                              epochs=pretrain_epochs, num_images=pretrain_images,
+                                              seed=pretrain_seed)
     config = make_preset(preset, prior=prior_path, **overrides)
     progress = progress_default(no_progress)
     result = run_all(RunConfig(train=config, pretrain=pretrain_config, cache=not no_cache),

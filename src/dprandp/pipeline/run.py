@@ -25,14 +25,15 @@ DEMO_PRETRAIN = dict(model="wrn-10-1", hidden=256, head_groups=8, batch_size=128
 
 
 def pretrain_config_for(train_preset: str, *, model: str, pretrain_preset: str | None = None,
-                        epochs: int | None = None, num_images: int | None = None):
+                        epochs: int | None = None, num_images: int | None = None,
+                        seed: int | None = None):
     """Phase I settings of ``dprandp run --preset TRAIN_PRESET``: the Phase I preset of the same name
     (``pretrain_preset`` overrides it), pretraining the architecture that Phases II + III will train."""
     from dprandp import pretrain as p1
 
     name = pretrain_preset or train_preset
     base = p1.PretrainConfig(**DEMO_PRETRAIN) if name == "demo" else p1.preset(name)
-    changes = {"model": model, "epochs": epochs, "num_images": num_images}
+    changes = {"model": model, "epochs": epochs, "num_images": num_images, "seed": seed}
     return replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
