@@ -3,7 +3,7 @@
 ``paper`` is SPEC.md exactly (WRN-16-4, 4096-wide head, batch 256, SGD lr 0.12 per 256, momentum
 0.9, weight decay 1e-4, 200 epochs with lr x 0.1 at epochs 155/170/185, 105k StyleGAN-Oriented
 images at 64 px). ``cpu`` keeps the method and shrinks the sizes so that a 2-core machine finishes
-in about 70 minutes while the prior still clearly beats a random encoder (see BENCHMARKS.md,
+in about 80 minutes while the prior still clearly beats a random encoder (see BENCHMARKS.md,
 section ``prior_quality``).
 
 The learning-rate milestones are stored as fractions of the run (155/200, 170/200, 185/200) so that
@@ -82,19 +82,20 @@ class PretrainConfig:
 PRESETS: dict[str, PretrainConfig] = {
     "paper": PretrainConfig(),
     # Sized on this project's 2-core CPU machines (BENCHMARKS.md, prior_quality): WRN-16-1 with a
-    # 512-wide head trains at ~35-50 images/s on one thread there in float32 and ~110-135 under bf16
-    # (CPUs with AVX512-BF16/AMX; BENCHMARKS.md, pretrain_precision). 15k images x 36 epochs (4,212
-    # steps of 128) take 67 min under bf16 with another job sharing the cores. The epochs were
+    # 512-wide head trains at ~35-50 images/s on one thread there in float32 and ~110-190 under bf16
+    # (CPUs with AVX512-BF16/AMX; BENCHMARKS.md, pretrain_precision). 15k images x 48 epochs (5,616
+    # steps of 128) take 81 min under bf16 with another job sharing the cores, and the whole
+    # `dprandp run --preset cpu` 112 min (BENCHMARKS.md, run_cpu_cifar10_e48). The epochs were
     # chosen on a validation split (10 % of CIFAR-10's train, epsilon = 1, BENCHMARKS.md,
     # utility_tuning): with lr_III = 2, DP-RandP reached 57.7 % after 24 epochs, 60.1 % after 36 and
-    # 61.2 % after 48 (62.8 % on test, n = 1; 48 epochs stay out of the preset until a whole run is
-    # timed under 2 h: Phase I took 85 min there)
+    # 61.2 % after 48; on test, three 48-epoch priors gave 62.5 +- 0.9 % (n = 3, two of them fresh
+    # end-to-end runs) against 59.9-60.8 % for 36 epochs
     # (with lr_III = 4: 52.1 % after 12 epochs, 55.4 % after 24). The lr is
     # SPEC's 0.12 per 256: a 3x higher lr gave a 1.2-point better non-private linear probe (37.6 vs
     # 36.4 %) but a 4-point *worse* DP-RandP model at epsilon = 1 (35.9 % vs 40.0 +- 0.3 %, n = 1 / 3;
     # BENCHMARKS.md, utility), so the probe alone is not a safe criterion for choosing a prior.
     "cpu": PretrainConfig(
-        model="wrn-16-1", hidden=512, batch_size=128, lr_per_256=0.12, epochs=36, num_images=15_000, image_size=64,
+        model="wrn-16-1", hidden=512, batch_size=128, lr_per_256=0.12, epochs=48, num_images=15_000, image_size=64,
     ),
 }
 
