@@ -134,7 +134,7 @@ def run_nonprivate(seed: int, a, data) -> dict:
                 epsilon=float("inf"),
                 prior_file=Path(a.prior).name, prior_sha256=prior_sha256(a.prior),
                 noise_multiplier=0.0, steps=iters, wall_s=wall,
-                command=f"python bench/utility.py --prior PRIOR --arms nonprivate --seeds {seed} --head-pool {a.head_pool}",
+                command=f"python bench/utility.py --prior PRIOR --arms nonprivate --seeds {seed} --head-pool {a.head_pool} --steps {a.steps} --batch-size {a.batch_size}",
                 config={"model": a.model, "head_pool": a.head_pool})
 
 
