@@ -85,10 +85,11 @@ PRESETS: dict[str, PretrainConfig] = {
     # 512-wide head trains at ~35-50 images/s on one thread there in float32 and ~110-190 under bf16
     # (CPUs with AVX512-BF16/AMX; BENCHMARKS.md, pretrain_precision). 15k images x 48 epochs (5,616
     # steps of 128) take 81 min under bf16 with another job sharing the cores, and the whole
-    # `dprandp run --preset cpu` 112 min (BENCHMARKS.md, run_cpu_cifar10_e48). The epochs were
+    # `dprandp run --preset cpu` 112 min (BENCHMARKS.md, run_cpu_cifar10_e48); alone on the machine
+    # with two threads, 33 and 44 min (run_cpu_cifar10_laptop). The epochs were
     # chosen on a validation split (10 % of CIFAR-10's train, epsilon = 1, BENCHMARKS.md,
     # utility_tuning): with lr_III = 2, DP-RandP reached 57.7 % after 24 epochs, 60.1 % after 36 and
-    # 61.2 % after 48; on test, three 48-epoch priors gave 62.5 +- 0.9 % (n = 3, two of them fresh
+    # 61.2 % after 48; on test, four 48-epoch priors gave 62.3 +- 0.8 % (n = 4, three of them fresh
     # end-to-end runs) against 59.9-60.8 % for 36 epochs
     # (with lr_III = 4: 52.1 % after 12 epochs, 55.4 % after 24). The lr is
     # SPEC's 0.12 per 256: a 3x higher lr gave a 1.2-point better non-private linear probe (37.6 vs
