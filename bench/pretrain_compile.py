@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]
     cfg = preset(a.preset)
     precision = resolve_precision("auto", torch.device("cpu"))
     bf16 = precision == "bf16"
@@ -90,7 +90,7 @@ def main() -> None:
         f"The `{a.preset}` preset's Phase I step ({cfg.model}, head {cfg.hidden}, batch {cfg.batch_size}, two views each, "
         f"{precision} autocast as `--precision auto` picks here), {a.threads} thread(s), torch {torch.__version__}; "
         f"{a.rounds} interleaved rounds after two warm-up steps each; median seconds per step. The compiled set-up "
-        "is a cold compilation (an empty inductor cache).", "",
+        f"is a cold compilation (an empty inductor cache). Load average before the run: {load:.1f}.", "",
         "| mode | s / step | images / s | set-up + 2 warm-up steps |", "| --- | --- | --- | --- |",
     ]
     for n in ("eager", "compiled"):
