@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._report import write_section  # noqa: E402
 from dprandp.pretrain import ContrastiveModel, preset, two_views  # noqa: E402
 from dprandp.pretrain.precision import resolve_precision  # noqa: E402
-from dprandp.pretrain.trainer import contrastive_loss  # noqa: E402
+from dprandp.pretrain.trainer import train_step  # noqa: E402
 
 
 def make_step(cfg, compiled: bool, bf16: bool):
@@ -43,12 +43,7 @@ def make_step(cfg, compiled: bool, bf16: bool):
 
     def step(x: torch.Tensor) -> float:
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            z = forward(x)
-        loss = contrastive_loss(cfg, *z.float().chunk(2))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, cfg, bf16=bf16, forward=forward)
         return time.perf_counter() - t
 
     return step

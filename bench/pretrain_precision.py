@@ -29,19 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._report import write_section  # noqa: E402
 from dprandp.pretrain import ContrastiveModel, preset, pretrain, two_views  # noqa: E402
 from dprandp.pretrain.precision import cpu_has_native_bf16  # noqa: E402
-from dprandp.pretrain.trainer import contrastive_loss  # noqa: E402
+from dprandp.pretrain.trainer import train_step  # noqa: E402
 
 
 def step_seconds(model, cfg, images, gen, bf16: bool) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr * 1e-3, momentum=cfg.momentum)  # tiny lr: timing only
     t = time.perf_counter()
-    v1, v2 = two_views(images, gen)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        z = model(torch.cat([v1, v2]))
-    loss = contrastive_loss(cfg, *z.float().chunk(2))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    train_step(model, opt, torch.cat(two_views(images, gen)), cfg, bf16=bf16)
     return time.perf_counter() - t
 
 

@@ -64,6 +64,29 @@ def contrastive_loss(config: PretrainConfig, z1: torch.Tensor, z2: torch.Tensor)
     return align_uniform_loss(z1, z2)
 
 
+def train_step(
+    model: ContrastiveModel, optimizer: torch.optim.Optimizer, views: torch.Tensor, config: PretrainConfig, *,
+    bf16: bool, forward=None,
+) -> torch.Tensor:
+    """One Phase I SGD step on ``views`` (the first views of a batch, then the second) -> the detached loss.
+
+    The forward runs under bf16 autocast when ``bf16``; the embeddings are cast back to float32 and,
+    under torchrun, gathered from every rank so that the loss sees the global batch; the gradients
+    are then averaged over ranks before the step. ``forward`` replaces ``model`` for the forward
+    pass only (a ``torch.compile``-d model, say); the optimizer and the gradient reduction still use
+    ``model``.
+    """
+    with torch.autocast(device_type=views.device.type, dtype=torch.bfloat16, enabled=bf16):
+        z = (forward or model)(views)
+    z1, z2 = (dist.gather_with_grad(v) for v in z.float().chunk(2))  # loss over the global batch
+    loss = contrastive_loss(config, z1, z2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    dist.all_reduce_gradients(model)
+    optimizer.step()
+    return loss.detach()
+
+
 def make_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     """Independent generators for the data order and the augmentations, derived from one seed."""
     a, b = (int(s.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)) for s in np.random.SeedSequence(seed).spawn(2))
@@ -167,15 +190,8 @@ def pretrain(
             x = torch.cat([v1, v2])
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                z = model(x)
-            z1, z2 = (dist.gather_with_grad(v) for v in z.float().chunk(2))  # loss over the global batch
-            loss = contrastive_loss(config, z1, z2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.all_reduce_gradients(model)
-            optimizer.step()
-            total += loss.detach().double()
+            loss = train_step(model, optimizer, x, config, bf16=bf16)
+            total += loss.double()
             if progress and (step % 5 == 0 or step == steps - 1):
                 rate = (step + 1) * config.batch_size / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
