@@ -12,7 +12,7 @@ Presets
            physical batch of 256 samples (4096 views) peaked at 32 GiB there: lower
            --physical-batch-size on smaller GPUs, raise it to 512 (62 GiB, 27 % faster) on larger.
 ``cpu``    the recipe sized for a 2-core machine and tuned on a validation split: WRN-16-1 with
-           a 4 x 4-pooled head, B = 1000, K = 1, 300 steps (60 in Phase II on cached features).
+           a 4 x 4-pooled head, B = 1000, K = 2, 300 steps (60 in Phase II on cached features).
            Every value can be overridden by a flag.
 ``demo``   tiny: WRN-10-1 on ``digits``, about a minute; what ``dprandp run`` uses by default.
 """

@@ -87,7 +87,8 @@ PRESETS: dict[str, PretrainConfig] = {
     # (CPUs with AVX512-BF16/AMX; BENCHMARKS.md, pretrain_precision). 15k images x 48 epochs (5,616
     # steps of 128) take 81 min under bf16 with another job sharing the cores, and the whole
     # `dprandp run --preset cpu` 112 min (BENCHMARKS.md, run_cpu_cifar10_e48); alone on the machine
-    # with two threads, 33 and 44 min (run_cpu_cifar10_laptop). The epochs were
+    # with two threads, 33 and 44 min with K = 1 (run_cpu_cifar10_laptop), 36 and 60 min with the
+    # preset's K = 2 (run_cpu_cifar10_laptop_k2). The epochs were
     # chosen on a validation split (10 % of CIFAR-10's train, epsilon = 1, BENCHMARKS.md,
     # utility_tuning): with lr_III = 2, DP-RandP reached 57.7 % after 24 epochs, 60.1 % after 36 and
     # 61.2 % after 48; on test, four 48-epoch priors gave 62.3 +- 0.8 % (n = 4, three of them fresh
