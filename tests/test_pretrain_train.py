@@ -185,7 +185,6 @@ def test_precision_auto_uses_bf16_only_where_native(monkeypatch):
         prec.resolve_precision("fp16", cpu)
 
 
-
 def test_one_epoch_of_one_step_equals_a_hand_computed_sgd_step(tmp_path):
     """The loop's data order, views, loss and SGD update against an independent re-computation.
 
