@@ -56,11 +56,40 @@ def phase1_seconds(lines: list[tuple[float, str]]) -> float | None:
     return None
 
 
+RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_run.jsonl"
+
+
+def run_record(s: dict, work: Path, wall: float, p1: float | None, peak_gib: float, threads: int | None,
+               shared: bool, load_before: float, command: str) -> dict:
+    """One JSON line for bench/results/pipeline_run.jsonl (what bench/readme_results.py reads):
+    the summary's numbers, the run's TrainConfig and the Phase I recipe of the prior it used."""
+    import datetime as _dt
+
+    run_dir = work / s["run_dir"]
+    config = json.loads((run_dir / "config.json").read_text()).get("train", {})
+    recipe = None
+    if s.get("prior"):
+        from dprandp.pretrain import load_prior
+
+        _, meta = load_prior(work / s["prior"])
+        recipe = meta.get("pretrain_config")
+    return {"arm": "randp" if s.get("prior") else "scratch", "epsilon_target": s["target_epsilon"],
+            "test_accuracy": s["test_accuracy"], "test_accuracy_flip": s.get("test_accuracy_flip"),
+            "epsilon": s["epsilon"], "wall_s": round(wall, 1), "phase1_s": None if p1 is None else round(p1, 1),
+            "peak_rss_gib": round(peak_gib, 2), "threads": threads, "cores_shared_with_another_run": shared,
+            "load_before": round(load_before, 2), "prior_sha256": s.get("prior_sha256"), "prior_recipe": recipe,
+            "command": command, "config": config, "date": _dt.date.today().isoformat(),
+            "code_version": s.get("code_version")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cached", action="store_true", help="keep the user's prior cache (skip Phase I if cached)")
     ap.add_argument("--section", default="demo_run", help="BENCHMARKS.md section to write")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md (the run is still recorded)")
+    ap.add_argument("--shared", action="store_true",
+                    help="another job holds cores during this run (recorded, so it is not quoted as 'alone')")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the run is appended to")
     ap.add_argument("run_args", nargs="*", help="arguments of `dprandp run` (after --)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-run-"))
@@ -91,6 +120,10 @@ def main() -> None:
           f"One run (one command, image generation and Phase I included), noise from OS entropy; the final EMA "
           f"model's test accuracy. Load average before the run: {load_before:.1f}; threads: {threads_note}.")
     print(md)
+    record = run_record(s, work, wall, p1, peak_gib, int(given) if given else None, args.shared, load_before, command)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with args.results.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
     if not args.no_write:
         write_section(args.section, md, command="python bench/pipeline_run.py" + (" --cached" if args.cached else "")
                       + (f" --section {args.section}" if args.section != "demo_run" else "")

@@ -66,6 +66,15 @@ def command_for(arm: str, eps: float, seed: int, a) -> str:
             f"--lr-phase2 {a.lr_phase2:g} --lr-phase3 {a.lr_phase3:g}{freeze}")
 
 
+def prior_recipe(prior: str | None) -> dict | None:
+    """The Phase I recipe stored in the prior file (bench/readme_results.py groups runs by it)."""
+    if prior is None:
+        return None
+    from dprandp.pretrain import load_prior
+
+    return load_prior(prior)[1].get("pretrain_config")
+
+
 def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
     from dprandp.pipeline import preset, train
 
@@ -89,7 +98,8 @@ def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
     return dict(arm=arm, epsilon_target=eps, seed=seed, test_accuracy=s["test_accuracy"],
                 val_accuracy=s.get("val_accuracy"), test_accuracy_flip=s.get("test_accuracy_flip"),
                 val_accuracy_flip=s.get("val_accuracy_flip"), prior_sha256=s.get("prior_sha256"),
-                prior_file=Path(a.prior).name if arm != "scratch" else None, epsilon=s["epsilon"],
+                prior_file=Path(a.prior).name if arm != "scratch" else None,
+                prior_recipe=prior_recipe(a.prior) if arm != "scratch" else None, epsilon=s["epsilon"],
                 noise_multiplier=s["noise_multiplier"], steps=s["steps"], wall_s=wall,
                 command=command_for(arm, eps, seed, a), config=cfg.to_dict())
 
@@ -132,7 +142,7 @@ def run_nonprivate(seed: int, a, data) -> dict:
 
     return dict(arm="nonprivate", epsilon_target=float("inf"), seed=seed, test_accuracy=acc, test_accuracy_flip=acc_flip,
                 epsilon=float("inf"),
-                prior_file=Path(a.prior).name, prior_sha256=prior_sha256(a.prior),
+                prior_file=Path(a.prior).name, prior_sha256=prior_sha256(a.prior), prior_recipe=prior_recipe(a.prior),
                 noise_multiplier=0.0, steps=iters, wall_s=wall,
                 command=f"python bench/utility.py --prior PRIOR --arms nonprivate --seeds {seed} --head-pool {a.head_pool} --steps {a.steps} --batch-size {a.batch_size}",
                 config={"model": a.model, "head_pool": a.head_pool})
