@@ -124,6 +124,10 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with args.results.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
+    if args.results.resolve() == RESULTS.resolve():
+        from bench.readme_results import render_into
+
+        render_into()  # the README's results table follows the new run
     if not args.no_write:
         write_section(args.section, md, command="python bench/pipeline_run.py" + (" --cached" if args.cached else "")
                       + (f" --section {args.section}" if args.section != "demo_run" else "")

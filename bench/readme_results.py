@@ -216,18 +216,23 @@ def replace_block(text: str, table: str) -> str:
     return f"{head}{BEGIN}\n{table}\n{END}{tail}"
 
 
+def render_into(readme: Path = README, *, check: bool = False) -> bool:
+    """Rewrite the table in ``readme`` (or, with ``check``, only compare); True if it was up to date."""
+    text = readme.read_text()
+    new = replace_block(text, render(load_runs()))
+    if not check and new != text:
+        readme.write_text(new)
+    return new == text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md's table is out of date")
     a = ap.parse_args()
-    text = README.read_text()
-    new = replace_block(text, render(load_runs()))
-    if a.check:
-        if new != text:
-            sys.exit("README.md's results table is out of date: run `python bench/readme_results.py`")
-        return
-    README.write_text(new)
-    print(f"wrote the results table into {README}")
+    up_to_date = render_into(README, check=a.check)
+    if a.check and not up_to_date:
+        sys.exit("README.md's results table is out of date: run `python bench/readme_results.py`")
+    print(f"{README}: the results table is {'up to date' if up_to_date else 'rewritten' if not a.check else 'stale'}")
 
 
 if __name__ == "__main__":

@@ -312,6 +312,10 @@ def main() -> None:
         return
     shown = [arg for arg in sys.argv[1:] if arg not in (a.note, "--note")]
     write_section(a.section, render(load_results(), a.note, a.section), command="python bench/utility.py " + " ".join(shown))
+    if RESULTS.resolve() == (ROOT / "bench" / "results" / "utility.jsonl").resolve():
+        from bench.readme_results import README, render_into
+
+        render_into(README)  # the README's table follows the new runs
 
 
 if __name__ == "__main__":
