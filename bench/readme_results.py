@@ -61,6 +61,7 @@ class Run:
     whole_pipeline: bool = False  # Phase I included (bench/pipeline_run.py)
     threads: int | None = None
     shared: bool = True  # a second job held the other core
+    command: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def load_runs(results: Path = RESULTS) -> list[Run]:
                             prior_recipe=recipe, prior_id=prior_id, test_accuracy=r["test_accuracy"],
                             test_accuracy_flip=r.get("test_accuracy_flip"), wall_s=r["wall_s"],
                             whole_pipeline=whole, threads=r.get("threads"),
-                            shared=r.get("cores_shared_with_another_run", True)))
+                            shared=r.get("cores_shared_with_another_run", True), command=r.get("command", "")))
     return runs
 
 
@@ -174,7 +175,7 @@ def render(runs: list[Run]) -> str:
     lines = [("| arm | ε = 1 | ε = 2 | ε = 4 | ε = 8 | wall time per run: Phases II + III (1 thread, 2 runs sharing "
               "2 cores) · whole pipeline alone on the machine | paper at ε = 1 (WRN-16-4, GPU budget) |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    papered = set()
+    papered, commands = set(), []
     for row in rows(dp):
         chosen = [r for r in runs if matches(r, row, dp, phase1) and getattr(r, row.metric) is not None]
         if row.arm == "nonprivate":
@@ -188,6 +189,8 @@ def render(runs: list[Run]) -> str:
                                             f"{minutes(alone)} with Phase I" if alone else ""]))
             paper = PAPER.get(row.arm, "") if row.arm not in papered else ""
             papered.add(row.arm)
+            if chosen:
+                commands.append(f"- {row.label.strip('*')}: `{explicit(representative(chosen).command, row)}`")
         else:
             wall, paper = "+ a second forward pass at test time", ""
         lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {wall} | {paper} |")
@@ -205,7 +208,24 @@ def render(runs: list[Run]) -> str:
               f"{LINEAR_PROBE['lr_phase2']:g} with momentum {LINEAR_PROBE['momentum']:g}; scratch uses lr "
               f"{scratch} (only ε = 1 was re-validated at T = {dp['steps']}). The ceiling sees as many "
               "sample-views as the K = 1 DP arms.")]
+    lines += ["", ("One command per row, the whole pipeline where it was run so, else at ε = 1 (`--epsilon` "
+              "sets the other columns; the prior files are named in BENCHMARKS.md with their SHA-256):"), "",
+              *commands]
     return "\n".join(lines)
+
+
+def explicit(command: str, row: Row) -> str:
+    """``command`` with the row's own settings spelled out, so that it stays exact when the preset moves."""
+    for key, value in row.settings.items():
+        flag = "--" + key.replace("_", "-")
+        if f"{flag} " not in f"{command} ":
+            command += f" {flag} {value:g}"
+    return command
+
+
+def representative(runs: list[Run]) -> Run:
+    """The run whose command stands for a row: a whole pipeline alone on the machine, else ε = 1."""
+    return min(runs, key=lambda r: (not (r.whole_pipeline and not r.shared), r.epsilon != 1.0, r.epsilon))
 
 
 def replace_block(text: str, table: str) -> str:

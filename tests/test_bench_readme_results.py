@@ -80,3 +80,9 @@ def test_a_readme_without_markers_is_refused(missing):
     text = f"{rr.BEGIN}\nold\n{rr.END}".replace(rr.BEGIN if missing == "begin" else rr.END, "")
     with pytest.raises(SystemExit, match="markers"):
         rr.replace_block(text, "new")
+
+
+def test_a_row_command_spells_out_the_settings_where_the_row_leaves_the_preset():
+    row = rr.Row("K = 1", "randp", {"augmult": 1})
+    assert rr.explicit("dprandp run --preset cpu --epsilon 1", row) == "dprandp run --preset cpu --epsilon 1 --augmult 1"
+    assert rr.explicit("dprandp train --augmult 1 --epsilon 1", row) == "dprandp train --augmult 1 --epsilon 1"
