@@ -91,8 +91,8 @@ PRESETS: dict[str, PretrainConfig] = {
     # preset's K = 2 (run_cpu_cifar10_laptop_k2). The epochs were
     # chosen on a validation split (10 % of CIFAR-10's train, epsilon = 1, BENCHMARKS.md,
     # utility_tuning): with lr_III = 2, DP-RandP reached 57.7 % after 24 epochs, 60.1 % after 36 and
-    # 61.2 % after 48; on test, four 48-epoch priors gave 62.3 +- 0.8 % (n = 4, three of them fresh
-    # end-to-end runs) against 59.9-60.8 % for 36 epochs
+    # 61.2 % after 48; on test, five 48-epoch priors gave 62.2 +- 0.8 % with K = 1 (n = 5, three of them
+    # fresh end-to-end runs) against 59.9-60.8 % for 36 epochs
     # (with lr_III = 4: 52.1 % after 12 epochs, 55.4 % after 24). The lr is
     # SPEC's 0.12 per 256: a 3x higher lr gave a 1.2-point better non-private linear probe (37.6 vs
     # 36.4 %) but a 4-point *worse* DP-RandP model at epsilon = 1 (35.9 % vs 40.0 +- 0.3 %, n = 1 / 3;
