@@ -21,7 +21,9 @@ mean ± sample std over the runs that match, with n; a prior with several runs c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -105,16 +107,23 @@ def load_runs(results: Path = RESULTS) -> list[Run]:
     return runs
 
 
+@functools.cache
+def preset_at(epsilon: float = 1.0) -> dict:
+    """The `cpu` preset's DP settings at a target epsilon (its lr_III depends on it)."""
+    from dprandp.pipeline.config import preset
+
+    dp = preset("cpu", prior="a prior", target_epsilon=epsilon if math.isfinite(epsilon) else 1.0).to_dict()
+    return {k: dp[k] for k in DP_KEYS}
+
+
 def preset_recipes() -> tuple[dict, dict]:
-    """The `cpu` preset's DP settings and its Phase I recipe."""
+    """The `cpu` preset's DP settings (at epsilon = 1) and its Phase I recipe."""
     from dataclasses import asdict
 
-    from dprandp.pipeline.config import preset
     from dprandp.pretrain.config import preset as pretrain_preset
 
-    dp = preset("cpu", prior="a prior").to_dict()
     phase1 = asdict(pretrain_preset("cpu"))
-    return {k: dp[k] for k in DP_KEYS}, {k: phase1[k] for k in RECIPE_KEYS}
+    return preset_at(1.0), {k: phase1[k] for k in RECIPE_KEYS}
 
 
 def rows(dp: dict) -> list[Row]:
@@ -143,7 +152,7 @@ def matches(run: Run, row: Row, dp: dict, phase1: dict) -> bool:
             return False
     if row.arm == "nonprivate":  # its own fixed recipe; only the model and head must be the preset's
         return all(run.config.get(k) == dp[k] for k in ("model", "head_pool"))
-    want = {**dp, **row.settings}
+    want = {**preset_at(run.epsilon), **row.settings}
     if row.arm == "scratch":
         want["lr_phase3"] = SCRATCH_LR.get(run.epsilon)
     return all(run.config.get(key) == value for key, value in want.items() if key not in row.ignore)
@@ -202,7 +211,7 @@ def render(runs: list[Run]) -> str:
               f"pipeline_run.jsonl, priors.json): every run on the test set whose DP settings are the `cpu` "
               f"preset's (WRN-16-1, {dp['head_pool']} × {dp['head_pool']} head, B = {dp['batch_size']}, "
               f"T = {dp['steps']} with {dp['phase2_steps']} in Phase II, lr {dp['lr_phase2']:g} / "
-              f"{dp['lr_phase3']:g}, K = {dp['augmult']}) and whose prior is the preset's Phase I recipe "
+              f"{lr_phase3_text()}, K = {dp['augmult']}) and whose prior is the preset's Phase I recipe "
               f"({phase1['num_images']} {phase1['process']} images, {phase1['epochs']} epochs). The linear probe "
               f"trains all {dp['steps']} steps at lr "
               f"{LINEAR_PROBE['lr_phase2']:g} with momentum {LINEAR_PROBE['momentum']:g}; scratch uses lr "
@@ -212,6 +221,17 @@ def render(runs: list[Run]) -> str:
               "sets the other columns; the prior files are named in BENCHMARKS.md with their SHA-256):"), "",
               *commands]
     return "\n".join(lines)
+
+
+def lr_phase3_text() -> str:
+    """The preset's lr_III, with the epsilons where it changes (from the preset, not by hand)."""
+    at = {eps: preset_at(eps)["lr_phase3"] for eps in EPSILONS}
+    text, last = f"{at[EPSILONS[0]]:g}", at[EPSILONS[0]]
+    for eps in EPSILONS[1:]:
+        if at[eps] != last:
+            text += f" ({at[eps]:g} at ε = {eps:g}" + (" and above)" if eps == EPSILONS[-1] else ")")
+            last = at[eps]
+    return text
 
 
 def explicit(command: str, row: Row) -> str:

@@ -167,6 +167,19 @@ def test_paper_preset_is_spec():
     assert preset("paper", prior=None).phase2_steps == 0
 
 
+def test_cpu_preset_lr_phase3_follows_the_target_epsilon_unless_given():
+    from dprandp.pipeline.config import lr_phase3_for
+
+    assert [preset("cpu", prior="p", target_epsilon=e).lr_phase3 for e in (1, 2, 4, 7.99, 8, 16)] == [
+        2.0, 2.0, 2.0, 2.0, 4.0, 4.0]
+    assert preset("cpu", prior="p", target_epsilon=8, lr_phase3=1.5).lr_phase3 == 1.5  # a flag wins
+    assert preset("paper", prior="p", target_epsilon=8).lr_phase3 == 0.4  # no schedule: the base lr
+    assert "lr_phase3_by_epsilon" not in preset("cpu", prior="p").to_dict()  # a preset rule, not a field
+    # the largest threshold reached, whatever the order it was written in
+    assert lr_phase3_for(5.0, 1.0, ((8.0, 3.0), (2.0, 2.0), (4.0, 2.5))) == 2.5
+    assert lr_phase3_for(0.5, 1.0, ((2.0, 2.0),)) == 1.0
+
+
 def test_paper_sigma_matches_spec():
     """q = 4096 / 50000, 875 steps, epsilon 1: SPEC.md gives sigma ~ 9.19 (PRV); PLD within 1 %."""
     from dprandp.pipeline import make_plan
