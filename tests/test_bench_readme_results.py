@@ -56,7 +56,7 @@ def test_a_cell_is_the_mean_and_std_of_exactly_the_matching_runs(tmp_path):
         _run(0.99, sha="d" * 64),           # an unknown prior
         _run(0.99, dataset="svhn"),
         _run(0.70, eps=8.0, lr_phase3=4.0),  # the preset's lr_III at epsilon = 8
-        _run(0.99, eps=8.0),                # lr 2 is the preset only below epsilon = 8
+        _run(0.99, eps=8.0),                # lr 2 is the preset only below epsilon = 4
     ], priors=priors)
     row = _preset_row(runs)
     assert "| 61.0 ± 1.4 % (n = 2 priors) |  |  | 70.0 % (n = 1) |" in row

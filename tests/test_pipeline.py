@@ -170,8 +170,8 @@ def test_paper_preset_is_spec():
 def test_cpu_preset_lr_phase3_follows_the_target_epsilon_unless_given():
     from dprandp.pipeline.config import lr_phase3_for
 
-    assert [preset("cpu", prior="p", target_epsilon=e).lr_phase3 for e in (1, 2, 4, 7.99, 8, 16)] == [
-        2.0, 2.0, 2.0, 2.0, 4.0, 4.0]
+    assert [preset("cpu", prior="p", target_epsilon=e).lr_phase3 for e in (1, 2, 3.99, 4, 8, 16)] == [
+        2.0, 2.0, 2.0, 4.0, 4.0, 4.0]
     assert preset("cpu", prior="p", target_epsilon=8, lr_phase3=1.5).lr_phase3 == 1.5  # a flag wins
     assert preset("paper", prior="p", target_epsilon=8).lr_phase3 == 0.4  # no schedule: the base lr
     assert "lr_phase3_by_epsilon" not in preset("cpu", prior="p").to_dict()  # a preset rule, not a field

@@ -58,7 +58,7 @@ TRAIN_FLAGS = [
     ("--phase2-steps", "phase2_steps", dict(type=int, callback=_int_at_least("--phase2-steps", 0), help="steps of Phase II (linear probing)")),
     ("--phase3-steps", "phase3_steps", dict(type=int, callback=_int_at_least("--phase3-steps", 0), help="steps of Phase III (0: linear probing only)")),
     ("--lr-phase2", "lr_phase2", dict(type=float, callback=_positive("--lr-phase2"), help="SGD learning rate of Phase II")),
-    ("--lr-phase3", "lr_phase3", dict(type=float, callback=_positive("--lr-phase3"), help="SGD learning rate of Phase III (default: the preset's; `cpu` uses 2, and 4 from --epsilon 8 up)")),
+    ("--lr-phase3", "lr_phase3", dict(type=float, callback=_positive("--lr-phase3"), help="SGD learning rate of Phase III (default: the preset's; `cpu` uses 2, and 4 from --epsilon 4 up)")),
     ("--freeze-stages", "freeze_stages", dict(type=int, callback=_int_at_least("--freeze-stages", 0), help="Phase III keeps the trunk's first k stages frozen (0: fine-tune all, the paper; frozen stages cost no backward pass)")),
     ("--phase2-features", "phase2_features", dict(type=click.Choice(["augmented", "cached"]), help="Phase II inputs: K augmented views through the frozen trunk (paper) or its features of the un-augmented images, computed once (much faster)")),
     ("--precision", "precision", dict(type=click.Choice(PRECISIONS), help="forward/backward arithmetic of the DP steps: fp32 (default) or bf16 autocast (CUDA, CPUs with native bf16); clipping, sums and noise stay float32")),
