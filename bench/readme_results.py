@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import statistics
@@ -61,7 +62,6 @@ class Run:
     wall_s: float
     prior_id: str | None  # the prior's SHA-256, or a name for a fresh prior whose hash was not recorded
     whole_pipeline: bool = False  # Phase I included (bench/pipeline_run.py)
-    threads: int | None = None
     shared: bool = True  # a second job held the other core
     command: str = ""
 
@@ -102,8 +102,7 @@ def load_runs(results: Path = RESULTS) -> list[Run]:
             runs.append(Run(arm=r["arm"], epsilon=float(r["epsilon_target"]), config=config,
                             prior_recipe=recipe, prior_id=prior_id, test_accuracy=r["test_accuracy"],
                             test_accuracy_flip=r.get("test_accuracy_flip"), wall_s=r["wall_s"],
-                            whole_pipeline=whole, threads=r.get("threads"),
-                            shared=r.get("cores_shared_with_another_run", True), command=r.get("command", "")))
+                            whole_pipeline=whole, shared=r.get("cores_shared_with_another_run", True), command=r.get("command", "")))
     return runs
 
 
@@ -224,14 +223,10 @@ def render(runs: list[Run]) -> str:
 
 
 def lr_phase3_text() -> str:
-    """The preset's lr_III, with the epsilons where it changes (from the preset, not by hand)."""
+    """The preset's lr_III and the table's epsilons from which it changes (read from the preset)."""
     at = {eps: preset_at(eps)["lr_phase3"] for eps in EPSILONS}
-    text, last = f"{at[EPSILONS[0]]:g}", at[EPSILONS[0]]
-    for eps in EPSILONS[1:]:
-        if at[eps] != last:
-            text += f" ({at[eps]:g} at ε = {eps:g}" + (" and above)" if eps == EPSILONS[-1] else ")")
-            last = at[eps]
-    return text
+    changes = [f"{at[eps]:g} from ε = {eps:g}" for before, eps in itertools.pairwise(EPSILONS) if at[eps] != at[before]]
+    return f"{at[EPSILONS[0]]:g}" + (f" ({'; '.join(changes)})" if changes else "")
 
 
 def explicit(command: str, row: Row) -> str:
