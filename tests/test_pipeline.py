@@ -101,7 +101,7 @@ def test_evaluate_reproduces_the_reported_accuracy(finished):
 def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     """Reference by hand: a model that reads only the leftmost column sees the rightmost one
     under the flip, so TTA logits must be the mean of the two columns' read-outs."""
-    from dprandp.pipeline.trainer import accuracy, predict_logits
+    from dprandp.pipeline.trainer import predict_logits
 
     class LeftColumn(torch.nn.Module):
         def __init__(self):
@@ -178,6 +178,34 @@ def test_cpu_preset_lr_phase3_follows_the_target_epsilon_unless_given():
     # the largest threshold reached, whatever the order it was written in
     assert lr_phase3_for(5.0, 1.0, ((8.0, 3.0), (2.0, 2.0), (4.0, 2.5))) == 2.5
     assert lr_phase3_for(0.5, 1.0, ((2.0, 2.0),)) == 1.0
+
+
+def test_readme_preset_table_states_each_presets_values():
+    """The README's preset table is written by hand: it must say what ``preset()`` does."""
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.exists():
+        pytest.skip("no README.md beside the tests")
+    rows = {}
+    for line in readme.read_text().splitlines():
+        m = re.match(r"\| `(\w+)` \| ([\w-]+)[^|]* \| (\d+) \| (\d+) \| (\d+) \((\d+) \+ (\d+)\) \| ([^|]+) \|", line)
+        if m:
+            rows[m.group(1)] = m.groups()[1:]
+    assert set(rows) == {"paper", "cpu", "demo"}
+
+    def number(x):
+        return f"{x:g}"
+
+    for name, (model, b, k, steps, p2, p3, lrs) in rows.items():
+        c = preset(name, prior="p")
+        assert (model, int(b), int(k), int(steps), int(p2), int(p3)) == (
+            c.model, c.batch_size, c.augmult, c.steps, c.phase2_steps, c.phase3_steps), name
+        assert lrs.strip().startswith(f"{number(c.lr_phase2)} / {number(c.lr_phase3)}"), name
+        for epsilon in (2, 4, 8):  # a per-epsilon lr_III must be stated as "(L from ε = E)"
+            lr = preset(name, prior="p", target_epsilon=epsilon).lr_phase3
+            if lr != c.lr_phase3:
+                assert f"({number(lr)} from ε = " in lrs, name
 
 
 def test_paper_sigma_matches_spec():
