@@ -96,6 +96,13 @@ def test_evaluate_reproduces_the_reported_accuracy(finished):
     assert meta["num_classes"] == 4 and meta["model"] == "wrn-10-1"
     flip = evaluate(d / "run" / "model.pt", data, flip_tta=True)
     assert flip["flip_tta"] is True and flip["accuracy"] == result.summary["test_accuracy_flip"]
+    # the summary's balanced accuracy and ROC-AUC are those of the saved model's test logits
+    for key in ("balanced_accuracy", "auc"):
+        assert out[key] == pytest.approx(result.summary[f"test_{key}"], abs=1e-6)
+        assert flip[key] == pytest.approx(result.summary[f"test_{key}_flip"], abs=1e-6)
+    assert 0 <= out["balanced_accuracy"] <= 1
+    assert 0 <= out["auc"] <= 1  # every class is in the tiny test set
+    assert "ROC-AUC" in (d / "run" / "report.html").read_text()
 
 
 def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():

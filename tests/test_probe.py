@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,12 @@ def test_grid_pooled_head_through_the_pipeline(tmp_path, capsys):
         assert exc.code in (0, None)
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["flip_tta"] is True and out["accuracy"] == pytest.approx(res.summary["test_accuracy_flip"], abs=1e-9)
+    try:  # the plain-text line names every metric
+        main(["evaluate", "--model", str(res.run_dir), "--dataset", "npz", "--data", data])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(r"accuracy [\d.]+ % \(balanced [\d.]+ %, ROC-AUC [\d.]+\) on npz test \(n = 32\)$", line), line
     with pytest.raises(SystemExit) as exc:
         main(["train", "--dataset", "npz", "--data", data, "--prior", str(prior), "--head-pool", "0",
               "--out", str(tmp_path / "bad")])

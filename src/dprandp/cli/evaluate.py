@@ -1,4 +1,4 @@
-"""``dprandp evaluate``: accuracy of a trained model (RUN_DIR/model.pt) on a dataset split."""
+"""``dprandp evaluate``: accuracy, balanced accuracy and ROC-AUC of a trained model (RUN_DIR/model.pt) on a dataset split."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dprandp.data import DATASETS
               help="test-time augmentation: flip averages the logits of each image and its mirror image")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(model_path: str, dataset: str, data: str | None, split: str, tta: str, as_json: bool) -> None:
-    """Top-1 accuracy of a saved model (no privacy cost on public test data; on private data,
+    """Top-1 accuracy, balanced accuracy and ROC-AUC of a saved model (no privacy cost on public test data; on private data,
     releasing the number itself is not covered by the training guarantee)."""
     from dprandp.data import load_dataset
     from dprandp.pipeline import evaluate
@@ -32,5 +32,7 @@ def command(model_path: str, dataset: str, data: str | None, split: str, tta: st
     if as_json:
         emit_json(out)
     else:
-        click.echo(f"accuracy {100 * out['accuracy']:.2f} % on {out['dataset']} {split} (n = {out['num_examples']}"
+        auc = "" if out["auc"] is None else f", ROC-AUC {out['auc']:.4f}"
+        click.echo(f"accuracy {100 * out['accuracy']:.2f} % (balanced {100 * out['balanced_accuracy']:.2f} %{auc}) on "
+                   f"{out['dataset']} {split} (n = {out['num_examples']}"
                    f"{', flip test-time augmentation' if out['flip_tta'] else ''})")

@@ -66,9 +66,11 @@ def load_model(path: str | Path):
 
 def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", batch_size: int = 1024,
              flip_tta: bool = False) -> dict:
-    """Accuracy of a saved model on ``data``'s ``split`` (``test`` or ``val``); ``flip_tta`` averages
-    the logits of each image and its mirror image."""
-    from dprandp.pipeline.trainer import accuracy
+    """Accuracy, balanced accuracy and ROC-AUC (dprandp.pipeline.metrics) of a saved model on
+    ``data``'s ``split`` (``test``, ``val`` or ``train``); ``flip_tta`` averages the logits of each
+    image and its mirror image."""
+    from dprandp.pipeline.metrics import classification_metrics
+    from dprandp.pipeline.trainer import _logits_pair
 
     model, meta = load_model(model_path)
     require(meta["num_classes"] == data.num_classes,
@@ -77,8 +79,9 @@ def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", ba
     x, y = {"test": (data.x_test, data.y_test), "val": (data.x_val, data.y_val),
             "train": (data.x_train, data.y_train)}[split]
     require(x is not None, f"dataset {data.name} has no {split} split")
-    acc = accuracy(model, x, y, batch_size=batch_size, flip_tta=flip_tta)
-    return {"accuracy": acc, "split": split, "flip_tta": flip_tta, "num_examples": int(len(x)), "dataset": data.name,
+    plain, flip = _logits_pair(model, x, batch_size, with_flip=flip_tta)
+    scores = classification_metrics(flip if flip_tta else plain, y, data.num_classes)
+    return {**scores, "split": split, "flip_tta": flip_tta, "num_examples": int(len(x)), "dataset": data.name,
             "model": str(model_path), "architecture": meta["model"],
             "epsilon": meta.get("epsilon"), "delta": meta.get("delta")}
 
@@ -169,6 +172,8 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
     summary = {
         "test_accuracy": final["test_accuracy"], "val_accuracy": final.get("val_accuracy"),
         "test_accuracy_flip": final.get("test_accuracy_flip"), "val_accuracy_flip": final.get("val_accuracy_flip"),
+        **{f"{split}_{metric}{suffix}": final.get(f"{split}_{metric}{suffix}") for split in ("test", "val")
+           for metric in ("balanced_accuracy", "auc") for suffix in ("", "_flip")},
         "epsilon": epsilon, "delta": config.target_delta, "target_epsilon": config.target_epsilon,
         "planned_epsilon": plan.planned_epsilon, "accountant": config.accountant,
         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
@@ -192,6 +197,8 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
                  ledger_phases=ledger_phases, notes=notes, prior_images=prior_preview(config.prior))
     atomic_write_json(run_dir / "summary.json", summary)  # last: its presence means "complete"
     (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    log(f"test accuracy {100 * summary['test_accuracy']:.2f} % at (epsilon = {epsilon:.3f}, delta = "
+    auc = summary["test_auc"]
+    log(f"test accuracy {100 * summary['test_accuracy']:.2f} % (balanced {100 * summary['test_balanced_accuracy']:.2f} %"
+        f"{'' if auc is None else f', ROC-AUC {auc:.3f}'}) at (epsilon = {epsilon:.3f}, delta = "
         f"{config.target_delta:g}); run directory {run_dir}")
     return TrainResult(run_dir=run_dir, summary=summary)

@@ -116,6 +116,10 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f} %"
 
 
+def _auc(x) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
 def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: dict[str, bytes],
                 notes: list[str]) -> str:
     e = html.escape
@@ -133,6 +137,8 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
     rows = [("dataset", f"{s['dataset']} — {s['num_train']} private training images, {s['num_classes']} classes"),
             ("model", f"{config['model']} · prior: {prior}"),
             ("prior provenance", s.get("prior_provenance") or "–"),
+            ("balanced accuracy · ROC-AUC (test)", f"{_pct(s.get('test_balanced_accuracy'))} · {_auc(s.get('test_auc'))} "
+             "(mean recall over classes; MedMNIST's AUC)"),
             ("validation accuracy", _pct(s.get("val_accuracy"))),
             ("with flip test-time augmentation", f"test {_pct(s.get('test_accuracy_flip'))} · "
              f"validation {_pct(s.get('val_accuracy_flip'))} (no privacy cost: post-processing)"),

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -154,22 +155,28 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, *, flip_tta: bool = 
 
 
 @torch.no_grad()
-def _accuracy_pair(model: torch.nn.Module, images, labels, batch_size: int, with_flip: bool) -> tuple[float, float | None]:
-    """Top-1 accuracy on uint8 NHWC ``images``, plain and (``with_flip``) with flip TTA, from one
-    forward pass per orientation: the plain logits serve both."""
+def _logits_pair(model: torch.nn.Module, images, batch_size: int, with_flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (N x C, float32) on uint8 NHWC ``images``, plain and (``with_flip``) with flip TTA,
+    from one forward pass per orientation: the plain logits serve both."""
     was_training = model.training
     model.eval()
-    plain = flip = 0
+    plain, flip = [], []
     device = next(model.parameters()).device
     for i in range(0, len(images), batch_size):
         x = to_float(images[i:i + batch_size]).to(device)
-        y = torch.as_tensor(labels[i:i + batch_size])
         logits = model(x)
-        plain += int((logits.argmax(1).cpu() == y).sum())
+        plain.append(logits.float().cpu())
         if with_flip:
-            flip += int((_mirror_mean(model, x, logits).argmax(1).cpu() == y).sum())
+            flip.append(_mirror_mean(model, x, logits).float().cpu())
     model.train(was_training)
-    return plain / len(images), (flip / len(images) if with_flip else None)
+    return torch.cat(plain).numpy(), (torch.cat(flip).numpy() if with_flip else None)
+
+
+def _accuracy_pair(model: torch.nn.Module, images, labels, batch_size: int, with_flip: bool) -> tuple[float, float | None]:
+    """Top-1 accuracy on uint8 NHWC ``images``, plain and (``with_flip``) with flip TTA."""
+    plain, flip = _logits_pair(model, images, batch_size, with_flip)
+    y = np.asarray(labels).reshape(-1)
+    return float((plain.argmax(1) == y).mean()), (float((flip.argmax(1) == y).mean()) if with_flip else None)
 
 
 def accuracies(model: torch.nn.Module, images, labels, *, batch_size: int = 1024) -> tuple[float, float]:
@@ -414,16 +421,19 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
         t = config.steps
     bar.close()
     steps_applied = t
-    final = _evaluate(model, ema, eval_model, data, config, steps_applied, with_flip=True)
+    final = _evaluate(model, ema, eval_model, data, config, steps_applied, final=True)
     metrics.append(_clean(final))
     return finish_run(run_dir, config=config, data=data, plan=plan, ledger=ledger, reported=eval_model,
                       final=final, steps_applied=steps_applied, stopped=stopped,
                       wall_time_s=wall_before + time.time() - t_start, log=log)
 
 
-def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step: int, *, with_flip: bool = False) -> dict:
+def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step: int, *, final: bool = False) -> dict:
     """Test (and validation) accuracy of the reported model: the EMA, or the model itself. The
-    final evaluation also scores flip test-time augmentation (``*_accuracy_flip``)."""
+    ``final`` evaluation also scores balanced accuracy and ROC-AUC (dprandp.pipeline.metrics),
+    each plain and with flip test-time augmentation (``*_flip``)."""
+    from dprandp.pipeline.metrics import classification_metrics
+
     if ema is not None:
         ema.copy_to(eval_model)
     else:
@@ -432,9 +442,13 @@ def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step
     rec = {"kind": "eval", "step": step}
     splits = [("test", data.x_test, data.y_test)] + ([("val", data.x_val, data.y_val)] if data.x_val is not None else [])
     for name, x, y in splits:
-        rec[f"{name}_accuracy"], flip = _accuracy_pair(eval_model, x, y, bs, with_flip=with_flip)
-        if with_flip:
-            rec[f"{name}_accuracy_flip"] = flip
+        if not final:
+            rec[f"{name}_accuracy"], _ = _accuracy_pair(eval_model, x, y, bs, with_flip=False)
+            continue
+        plain, flip = _logits_pair(eval_model, x, bs, with_flip=True)
+        for suffix, logits in (("", plain), ("_flip", flip)):
+            for metric, value in classification_metrics(logits, y, data.num_classes).items():
+                rec[f"{name}_{metric}{suffix}"] = value
     return rec
 
 
