@@ -104,25 +104,25 @@ def run_dp_arm(arm: str, eps: float, seed: int, a, data) -> dict:
                 command=command_for(arm, eps, seed, a), config=cfg.to_dict())
 
 
-def run_nonprivate(seed: int, a, data) -> dict:
-    """Ceiling: the same model from the same prior, fine-tuned without clipping or noise."""
+def finetune_nonprivate(*, model_name: str, head_pool: int, prior: str, data, samples: int, seed: int):
+    """The model from ``prior`` fine-tuned on ``data``'s training set without clipping or noise
+    (SGD, momentum 0.9, one-cycle lr 0.05, batch 128) for about ``samples`` sample-views.
+    Returns the model (in eval mode), the number of SGD steps and the wall time."""
     import torch
     import torch.nn.functional as F
 
     from dprandp.augment import random_crop_flip
     from dprandp.data import to_float
     from dprandp.models import create_model
-    from dprandp.pipeline.trainer import accuracies
     from dprandp.pretrain import apply_prior
 
-    model = create_model(a.model, num_classes=data.num_classes, seed=seed, head_pool=a.head_pool)
-    apply_prior(model, a.prior)
+    model = create_model(model_name, num_classes=data.num_classes, seed=seed, head_pool=head_pool)
+    apply_prior(model, prior)
     gen = torch.Generator().manual_seed(seed)
     x = to_float(data.x_train)  # the same normalisation as the DP pipeline
-    y = torch.from_numpy(data.y_train).long()
-    batch = 128
-    total = a.steps * a.batch_size  # same number of samples as the DP arms
-    iters = max(1, total // batch)
+    y = torch.from_numpy(data.y_train).long().reshape(-1)
+    batch = min(128, len(y))
+    iters = max(1, samples // batch)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=iters)
     t0 = time.time()
@@ -137,8 +137,18 @@ def run_nonprivate(seed: int, a, data) -> dict:
         sched.step()
     wall = time.time() - t0
     model.eval()
-    acc, acc_flip = accuracies(model, data.x_test, data.y_test)
+    return model, iters, wall
+
+
+def run_nonprivate(seed: int, a, data) -> dict:
+    """Ceiling: the same model from the same prior, fine-tuned without clipping or noise, for as
+    many sample-views as the K = 1 DP arms (steps x batch)."""
     from dprandp.pipeline.finish import prior_sha256
+    from dprandp.pipeline.trainer import accuracies
+
+    model, iters, wall = finetune_nonprivate(model_name=a.model, head_pool=a.head_pool, prior=a.prior, data=data,
+                                             samples=a.steps * a.batch_size, seed=seed)
+    acc, acc_flip = accuracies(model, data.x_test, data.y_test)
 
     return dict(arm="nonprivate", epsilon_target=float("inf"), seed=seed, test_accuracy=acc, test_accuracy_flip=acc_flip,
                 epsilon=float("inf"),
@@ -150,7 +160,8 @@ def run_nonprivate(seed: int, a, data) -> dict:
 
 def memoize_pooled_features() -> None:
     """Runs of one invocation share the frozen prior's cached features (``--phase2-features
-    cached``): they depend only on the prior and the images, so recomputing them is pure waste."""
+    cached``): they depend only on the prior's trunk, the images and the head's pooling grid, so
+    recomputing them is pure waste."""
     import hashlib
 
     from dprandp.pipeline import trainer
@@ -163,6 +174,7 @@ def memoize_pooled_features() -> None:
         for k in sorted(trunk):
             h.update(trunk[k].detach().cpu().numpy().tobytes())
         h.update(images.cpu().numpy().tobytes())
+        h.update(f"pool {model.head.pool}".encode())  # the features are pooled to the head's grid
         key = h.hexdigest()
         if key not in memo:
             memo.clear()
