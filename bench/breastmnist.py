@@ -174,8 +174,9 @@ def render(results: list[dict], note: str = "") -> str:
             cells = cells + [""] * (len(eps_list) - 1)
         if not walls:
             continue
+        lo, hi = f"{min(walls) / 60:.1f}", f"{max(walls) / 60:.1f}"
         lines.append(f"| {names[arm]} | " + " | ".join(cells) + f" | {' / '.join(dict.fromkeys(chosen))} | "
-                     f"{min(walls) / 60:.1f}-{max(walls) / 60:.1f} min |")
+                     f"{lo if lo == hi else f'{lo}-{hi}'} min |")
     commands = sorted({(r["arm"], r["epsilon_target"], r["command"]) for r in finals if r["seed"] == 0},
                       key=lambda t: (ARMS.index(t[0]), t[1]))
     tuned = [r for r in results if r["stage"] == "tune"]
