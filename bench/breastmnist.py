@@ -90,13 +90,13 @@ def run_dp(arm: str, eps: float, seed: int, hp: dict, a, data, stage: str) -> di
 def run_nonprivate(seed: int, hp: dict, a, data) -> dict:
     from bench.utility import finetune_nonprivate
     from dprandp.pipeline.metrics import classification_metrics
-    from dprandp.pipeline.trainer import _logits_pair
+    from dprandp.pipeline.trainer import image_logits
 
     model, iters, wall = finetune_nonprivate(model_name="wrn-16-1", head_pool=hp["head_pool"], prior=a.prior,
                                              data=data, samples=a.steps * a.batch_size, seed=seed)
     out = {}
     for split, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
-        logits, _ = _logits_pair(model, x, 256, with_flip=False)
+        logits, _ = image_logits(model, x, 256, with_flip=False)
         out[split] = classification_metrics(logits, y, data.num_classes)
     return dict(arm="nonprivate", stage="final", epsilon_target=float("inf"), seed=seed, hp=hp, **out,
                 epsilon=float("inf"), noise_multiplier=0.0, steps=iters, wall_s=wall,

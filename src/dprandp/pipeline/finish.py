@@ -70,7 +70,7 @@ def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", ba
     ``data``'s ``split`` (``test``, ``val`` or ``train``); ``flip_tta`` averages the logits of each
     image and its mirror image."""
     from dprandp.pipeline.metrics import classification_metrics
-    from dprandp.pipeline.trainer import _logits_pair
+    from dprandp.pipeline.trainer import image_logits
 
     model, meta = load_model(model_path)
     require(meta["num_classes"] == data.num_classes,
@@ -79,7 +79,7 @@ def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", ba
     x, y = {"test": (data.x_test, data.y_test), "val": (data.x_val, data.y_val),
             "train": (data.x_train, data.y_train)}[split]
     require(x is not None, f"dataset {data.name} has no {split} split")
-    plain, flip = _logits_pair(model, x, batch_size, with_flip=flip_tta)
+    plain, flip = image_logits(model, x, batch_size, with_flip=flip_tta)
     scores = classification_metrics(flip if flip_tta else plain, y, data.num_classes)
     return {**scores, "split": split, "flip_tta": flip_tta, "num_examples": int(len(x)), "dataset": data.name,
             "model": str(model_path), "architecture": meta["model"],

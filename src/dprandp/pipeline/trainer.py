@@ -155,7 +155,7 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, *, flip_tta: bool = 
 
 
 @torch.no_grad()
-def _logits_pair(model: torch.nn.Module, images, batch_size: int, with_flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def image_logits(model: torch.nn.Module, images, batch_size: int, with_flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (N x C, float32) on uint8 NHWC ``images``, plain and (``with_flip``) with flip TTA,
     from one forward pass per orientation: the plain logits serve both."""
     was_training = model.training
@@ -174,7 +174,7 @@ def _logits_pair(model: torch.nn.Module, images, batch_size: int, with_flip: boo
 
 def _accuracy_pair(model: torch.nn.Module, images, labels, batch_size: int, with_flip: bool) -> tuple[float, float | None]:
     """Top-1 accuracy on uint8 NHWC ``images``, plain and (``with_flip``) with flip TTA."""
-    plain, flip = _logits_pair(model, images, batch_size, with_flip)
+    plain, flip = image_logits(model, images, batch_size, with_flip)
     y = np.asarray(labels).reshape(-1)
     return float((plain.argmax(1) == y).mean()), (float((flip.argmax(1) == y).mean()) if with_flip else None)
 
@@ -445,7 +445,7 @@ def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step
         if not final:
             rec[f"{name}_accuracy"], _ = _accuracy_pair(eval_model, x, y, bs, with_flip=False)
             continue
-        plain, flip = _logits_pair(eval_model, x, bs, with_flip=True)
+        plain, flip = image_logits(eval_model, x, bs, with_flip=True)
         for suffix, logits in (("", plain), ("_flip", flip)):
             for metric, value in classification_metrics(logits, y, data.num_classes).items():
                 rec[f"{name}_{metric}{suffix}"] = value
