@@ -150,6 +150,16 @@ def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
+def chosen_by_epsilon(chosen: list[tuple[float, str]]) -> str:
+    """'ε = 1, 2: A; ε = 4: B' from (epsilon, choice) pairs; one choice for every ε is written alone."""
+    groups: dict[str, list[float]] = {}
+    for e, hp in chosen:
+        groups.setdefault(hp, []).append(e)
+    if len(groups) == 1 or all(e == float("inf") for e, _ in chosen):
+        return next(iter(groups), "")
+    return "; ".join(f"ε = {', '.join(f'{e:g}' for e in es)}: {hp}" for hp, es in groups.items())
+
+
 def render(results: list[dict], note: str = "") -> str:
     finals = [r for r in results if r["stage"] == "final"]
     eps_list = sorted({r["epsilon_target"] for r in finals if r["arm"] != "nonprivate"})
@@ -168,14 +178,14 @@ def render(results: list[dict], note: str = "") -> str:
             n = len({r["seed"] for r in rs})
             cells.append(f"{_cell([r['test']['auc'] for r in rs], 1.0, 3)} · {_cell([r['test']['accuracy'] for r in rs])} % · "
                          f"{_cell([r['test']['balanced_accuracy'] for r in rs])} % (n = {n})")
-            chosen.append(", ".join(f"{k} {v:g}" for k, v in sorted(rs[0]["hp"].items())))
+            chosen.append((e, ", ".join(f"{k} {v:g}" for k, v in sorted(rs[0]["hp"].items()))))
             walls += [r["wall_s"] for r in rs]
         if arm == "nonprivate":
             cells = cells + [""] * (len(eps_list) - 1)
         if not walls:
             continue
         lo, hi = f"{min(walls) / 60:.1f}", f"{max(walls) / 60:.1f}"
-        lines.append(f"| {names[arm]} | " + " | ".join(cells) + f" | {' / '.join(dict.fromkeys(chosen))} | "
+        lines.append(f"| {names[arm]} | " + " | ".join(cells) + f" | {chosen_by_epsilon(chosen)} | "
                      f"{lo if lo == hi else f'{lo}-{hi}'} min |")
     commands = sorted({(r["arm"], r["epsilon_target"], r["command"]) for r in finals if r["seed"] == 0},
                       key=lambda t: (ARMS.index(t[0]), t[1]))

@@ -86,3 +86,8 @@ def test_majority_rate_is_read_from_the_test_labels():
     with np.load(breastmnist.DATA) as f:
         y = f["test_labels"].reshape(-1)
     assert breastmnist.majority_rate() == pytest.approx(max(np.mean(y == 0), np.mean(y == 1)))
+
+
+def test_chosen_hyperparameters_are_grouped_by_epsilon():
+    assert breastmnist.chosen_by_epsilon([(1.0, "a"), (2.0, "a"), (8.0, "b")]) == "ε = 1, 2: a; ε = 8: b"
+    assert breastmnist.chosen_by_epsilon([(1.0, "a"), (8.0, "a")]) == "a"
