@@ -60,3 +60,15 @@ def test_labels_as_a_column_and_shape_errors():
     assert classification_metrics(logits, np.array([[0], [1], [1]]))["accuracy"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="N x C"):
         classification_metrics(logits, np.array([0, 1]))
+
+
+def test_the_train_commands_result_names_balanced_accuracy_and_auc(capsys):
+    from dprandp.cli.train import print_result
+
+    summary = {"test_accuracy": 0.731, "num_test": 156, "epsilon": 1.0, "delta": 1e-5, "steps": 100,
+               "noise_multiplier": 8.9, "test_balanced_accuracy": 0.5, "test_auc": 0.8061, "test_accuracy_flip": None}
+    print_result(summary, "runs/x", as_json=False)
+    out = capsys.readouterr().out
+    assert "balanced accuracy 50.00 %, ROC-AUC 0.8061 (test" in out
+    print_result({**summary, "test_auc": None}, "runs/x", as_json=False)
+    assert "balanced accuracy 50.00 % (test" in capsys.readouterr().out

@@ -25,6 +25,10 @@ def print_result(summary: dict, run_dir, as_json: bool) -> None:
     click.echo(f"test accuracy {100 * summary['test_accuracy']:.2f} % (final EMA model, n = {summary['num_test']}{val}) "
                f"at (epsilon = {summary['epsilon']:.3f}, delta = {summary['delta']:g}); "
                f"{summary['steps']} DP steps, sigma = {summary['noise_multiplier']:.3f}")
+    if summary.get("test_balanced_accuracy") is not None:
+        auc = summary.get("test_auc")
+        click.echo(f"balanced accuracy {100 * summary['test_balanced_accuracy']:.2f} %"
+                   f"{'' if auc is None else f', ROC-AUC {auc:.4f}'} (test; read these on imbalanced classes)")
     if summary.get("test_accuracy_flip") is not None:
         click.echo(f"with flip test-time augmentation: test accuracy {100 * summary['test_accuracy_flip']:.2f} % "
                    "(`dprandp evaluate --tta flip`)")
