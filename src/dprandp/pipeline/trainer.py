@@ -78,7 +78,8 @@ def make_plan(config: TrainConfig, num_train: int) -> Plan:
     require(config.target_delta < 1.0 / n,
             f"delta = {config.target_delta:g} must be below 1/N = 1/{n} = {1.0 / n:.3g} "
             f"(N = {n} training images); a larger delta allows leaking whole records")
-    require(config.batch_size <= n, f"batch size {config.batch_size} exceeds the {n} training images")
+    require(config.batch_size <= n, f"batch size {config.batch_size} exceeds the {n} training images; pass a smaller "
+                                    f"--batch-size (for a few hundred images: 128, as in README.md's BreastMNIST section)")
     q = config.batch_size / n
     shape = [DPPhase(sample_rate=q, noise_multiplier=1.0, steps=config.steps)]
     if config.noise_multiplier is None:
