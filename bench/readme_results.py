@@ -180,8 +180,8 @@ def minutes(seconds: list[float]) -> str:
 
 def render(runs: list[Run]) -> str:
     dp, phase1 = preset_recipes()
-    lines = [("| arm | ε = 1 | ε = 2 | ε = 4 | ε = 8 | wall time per run: Phases II + III (1 thread, 2 runs sharing "
-              "2 cores) · whole pipeline alone on the machine | paper at ε = 1 (WRN-16-4, GPU budget) |"),
+    lines = [("| arm | ε = 1 | ε = 2 | ε = 4 | ε = 8 | wall time per run: Phases II + III (1 thread with 2 runs "
+              "sharing 2 cores, or 2 threads alone) · whole pipeline alone on the machine | paper at ε = 1 (WRN-16-4, GPU budget) |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
     papered, commands = set(), []
     for row in rows(dp):
