@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._report import write_section  # noqa: E402
+from dprandp.pipeline.metrics import METRICS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "breastmnist.jsonl"
 DATA = ROOT.parent / "shared" / "data" / "breastmnist.npz"
 #: MedMNIST v2 (Yang et al., Scientific Data 2023), BreastMNIST, non-private ResNet-18 at 28 px.
 PUBLISHED = {"accuracy": 0.863, "auc": 0.901}
 ARMS = ("lp", "randp", "scratch", "nonprivate")
-METRICS = ("accuracy", "balanced_accuracy", "auc")
 
 
 def dp_config(arm: str, eps: float, seed: int, hp: dict, a):

@@ -16,6 +16,7 @@ import torch
 
 from dprandp.data import NORMALIZE_MEAN, NORMALIZE_STD, ImageData
 from dprandp.errors import InputError, require
+from dprandp.pipeline.metrics import METRICS, classification_metrics
 from dprandp.pipeline.rundir import (
     MetricsLog,
     atomic_torch_save,
@@ -69,7 +70,6 @@ def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", ba
     """Accuracy, balanced accuracy and ROC-AUC (dprandp.pipeline.metrics) of a saved model on
     ``data``'s ``split`` (``test``, ``val`` or ``train``); ``flip_tta`` averages the logits of each
     image and its mirror image."""
-    from dprandp.pipeline.metrics import classification_metrics
     from dprandp.pipeline.trainer import image_logits
 
     model, meta = load_model(model_path)
@@ -170,10 +170,8 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         notes.append("--deterministic-noise: noise and batch sampling were seeded from --seed. Reproducible, but "
                      "anyone who knows the seed can subtract the noise: never release such a model.")
     summary = {
-        "test_accuracy": final["test_accuracy"], "val_accuracy": final.get("val_accuracy"),
-        "test_accuracy_flip": final.get("test_accuracy_flip"), "val_accuracy_flip": final.get("val_accuracy_flip"),
         **{f"{split}_{metric}{suffix}": final.get(f"{split}_{metric}{suffix}") for split in ("test", "val")
-           for metric in ("balanced_accuracy", "auc") for suffix in ("", "_flip")},
+           for metric in METRICS for suffix in ("", "_flip")},
         "epsilon": epsilon, "delta": config.target_delta, "target_epsilon": config.target_epsilon,
         "planned_epsilon": plan.planned_epsilon, "accountant": config.accountant,
         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,

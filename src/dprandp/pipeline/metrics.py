@@ -18,12 +18,6 @@ import numpy as np
 METRICS = ("accuracy", "balanced_accuracy", "auc")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def classification_metrics(logits, labels, num_classes: int | None = None) -> dict[str, float | None]:
     """``accuracy``, ``balanced_accuracy`` and ``auc`` of ``logits`` (N x C) against ``labels``.
 
@@ -31,6 +25,7 @@ def classification_metrics(logits, labels, num_classes: int | None = None) -> di
     ``labels``, or a single class in ``labels``. Balanced accuracy averages the recall over the
     classes present in ``labels``.
     """
+    from scipy.special import softmax
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     logits = np.asarray(logits, dtype=np.float64)
@@ -48,7 +43,7 @@ def classification_metrics(logits, labels, num_classes: int | None = None) -> di
         warnings.simplefilter("ignore", UserWarning)
         out["balanced_accuracy"] = float(balanced_accuracy_score(labels, predicted))
     if len(np.unique(labels)) == c and c >= 2:
-        p = softmax(logits)
+        p = softmax(logits, axis=1)
         if c == 2:
             out["auc"] = float(roc_auc_score(labels, p[:, 1]))
         else:

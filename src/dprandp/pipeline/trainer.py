@@ -185,12 +185,6 @@ def accuracies(model: torch.nn.Module, images, labels, *, batch_size: int = 1024
     return _accuracy_pair(model, images, labels, batch_size, with_flip=True)
 
 
-def accuracy(model: torch.nn.Module, images, labels, *, batch_size: int = 1024, flip_tta: bool = False) -> float:
-    """Top-1 accuracy of ``model`` on uint8 NHWC ``images`` (no augmentation unless ``flip_tta``)."""
-    plain, flip = _accuracy_pair(model, images, labels, batch_size, with_flip=flip_tta)
-    return flip if flip_tta else plain
-
-
 class _AccuracyMeter:
     """Per-sample cross-entropy that also counts correct predictions of the views it sees
     (the engine calls it on each physical chunk; inside ``vmap`` it only computes the loss)."""
