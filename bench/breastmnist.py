@@ -88,7 +88,7 @@ def run_dp(arm: str, eps: float, seed: int, hp: dict, a, data, stage: str) -> di
 
 
 def run_nonprivate(seed: int, hp: dict, a, data) -> dict:
-    from bench.utility import finetune_nonprivate
+    from bench.utility import finetune_nonprivate, prior_sha256
     from dprandp.pipeline.metrics import classification_metrics
     from dprandp.pipeline.trainer import image_logits
 
@@ -99,7 +99,7 @@ def run_nonprivate(seed: int, hp: dict, a, data) -> dict:
         logits, _ = image_logits(model, x, 256, with_flip=False)
         out[split] = classification_metrics(logits, y, data.num_classes)
     return dict(arm="nonprivate", stage="final", epsilon_target=float("inf"), seed=seed, hp=hp, **out,
-                epsilon=float("inf"), noise_multiplier=0.0, steps=iters, wall_s=wall,
+                epsilon=float("inf"), noise_multiplier=0.0, steps=iters, wall_s=wall, prior_sha256=prior_sha256(a.prior),
                 command=f"python bench/breastmnist.py --prior PRIOR --arms nonprivate --seeds {seed}")
 
 
@@ -160,7 +160,7 @@ def chosen_by_epsilon(chosen: list[tuple[float, str]]) -> str:
     return "; ".join(f"ε = {', '.join(f'{e:g}' for e in es)}: {hp}" for hp, es in groups.items())
 
 
-def render(results: list[dict], note: str = "") -> str:
+def render(results: list[dict], note: str = "", data: Path = DATA) -> str:
     finals = [r for r in results if r["stage"] == "final"]
     eps_list = sorted({r["epsilon_target"] for r in finals if r["arm"] != "nonprivate"})
     names = {"randp": "DP-RandP (Phases II + III)", "lp": "DP-RandP without Phase III (linear probe)",
@@ -201,7 +201,7 @@ def render(results: list[dict], note: str = "") -> str:
         note.strip(),
         "Test split (156 images) of the official MedMNIST v2 file, δ = 1e-5, the final EMA model; mean ± std "
         "over seeds. AUC is MedMNIST's (the softmax probability of class 1); balanced accuracy is the mean "
-        f"recall of the two classes. Predicting the majority class scores {100 * majority_rate():.1f} % accuracy, "
+        f"recall of the two classes. Predicting the majority class scores {100 * majority_rate(data):.1f} % accuracy, "
         "50 % balanced accuracy and AUC 0.5. Published non-private reference (MedMNIST v2, ResNet-18 at "
         f"28 px, 100 epochs): AUC {PUBLISHED['auc']}, accuracy {100 * PUBLISHED['accuracy']:.1f} %.",
         "\n".join(lines),
@@ -213,12 +213,13 @@ def render(results: list[dict], note: str = "") -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def majority_rate() -> float:
+def majority_rate(data: Path = DATA) -> float:
+    """The common class's share of the test split in the BreastMNIST file at ``data`` (nan if absent)."""
     import numpy as np
 
-    if not DATA.exists():
+    if not data.exists():
         return float("nan")
-    with np.load(DATA) as f:
+    with np.load(data) as f:
         y = f["test_labels"].reshape(-1)
     return float(np.bincount(y).max() / len(y))
 
@@ -271,7 +272,7 @@ def main() -> None:
     if a.no_write:
         return
     shown = [arg for arg in sys.argv[1:] if arg not in (a.note, "--note")]
-    write_section("breastmnist", render(load_results(a.results), a.note), command="python bench/breastmnist.py " + " ".join(shown))
+    write_section("breastmnist", render(load_results(a.results), a.note, a.data), command="python bench/breastmnist.py " + " ".join(shown))
 
 
 if __name__ == "__main__":

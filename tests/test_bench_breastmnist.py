@@ -88,6 +88,14 @@ def test_majority_rate_is_read_from_the_test_labels():
     assert breastmnist.majority_rate() == pytest.approx(max(np.mean(y == 0), np.mean(y == 1)))
 
 
+def test_majority_rate_reads_the_file_it_is_given(tmp_path):
+    path = tmp_path / "small.npz"
+    np.savez(path, test_labels=np.array([[1], [1], [1], [0]], dtype=np.uint8))
+    assert breastmnist.majority_rate(path) == pytest.approx(0.75)
+    assert np.isnan(breastmnist.majority_rate(tmp_path / "absent.npz"))
+    assert "75.0 % accuracy" in breastmnist.render([], data=path)
+
+
 def test_chosen_hyperparameters_are_grouped_by_epsilon():
     assert breastmnist.chosen_by_epsilon([(1.0, "a"), (2.0, "a"), (8.0, "b")]) == "ε = 1, 2: a; ε = 8: b"
     assert breastmnist.chosen_by_epsilon([(1.0, "a"), (8.0, "a")]) == "a"
