@@ -7,7 +7,7 @@ import pytest
 from dprandp.accounting import DPPhase, compute_epsilon
 from dprandp.errors import InputError
 from dprandp.pipeline import state as st
-from dprandp.pipeline.ledger import PrivacyLedger, StepRecord, group_phases
+from dprandp.pipeline.ledger import PrivacyLedger, StepRecord, group_phases, spent_budget
 from dprandp.pipeline.rundir import atomic_write_bytes, prepare_run_dir
 
 
@@ -82,6 +82,24 @@ def test_torn_last_line_is_counted_conservatively(tmp_path):
     assert reopened.steps == 5
     lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
     assert all(json.loads(x) for x in lines) and json.loads(lines[-1])["recovered_torn_record"] is True
+
+
+def test_spent_budget_reads_without_writing_and_never_reports_zero_for_unknown(tmp_path):
+    assert spent_budget(tmp_path) is None  # no ledger
+    ledger = new(tmp_path)
+    assert spent_budget(tmp_path) is None  # a header, no step
+    add(ledger, 4)
+    ref = compute_epsilon([DPPhase(sample_rate=0.05, noise_multiplier=1.5, steps=5)], target_delta=1e-5)
+    with open(tmp_path / "ledger.jsonl", "ab") as f:
+        f.write(b'{"kind": "step", "phase": "II", "ste')  # killed mid-write: counted, as open() does
+    before = (tmp_path / "ledger.jsonl").read_bytes()
+    got = spent_budget(tmp_path)
+    assert got["steps"] == 5 and got["delta"] == 1e-5 and got["epsilon"] == pytest.approx(ref, rel=1e-12)
+    assert (tmp_path / "ledger.jsonl").read_bytes() == before
+    text = before.decode().splitlines()
+    text.insert(2, "garbage")
+    (tmp_path / "ledger.jsonl").write_text("\n".join(text) + "\n")
+    assert spent_budget(tmp_path) == {"steps": None, "epsilon": None, "delta": None}
 
 
 def test_corrupt_middle_line_is_refused(tmp_path):

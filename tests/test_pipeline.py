@@ -60,6 +60,29 @@ def test_summary_epsilon_is_the_accountants_epsilon_of_the_ledger(finished):
     assert summary["deterministic_noise"] is False and summary["delta"] == 1e-5
 
 
+def test_overwrite_records_the_budget_the_deleted_run_had_spent(finished, tmp_path):
+    """--overwrite deletes a run whose steps already spent privacy on the data; the new run says so
+    (a warning, and config.json's discarded_run), since its own epsilon does not cover them."""
+    import shutil
+
+    d, _ = finished
+    old = tmp_path / "run"
+    shutil.copytree(d / "run", old)
+    spent = json.loads((old / "summary.json").read_text())
+    messages = []
+    train(tiny_config(str(d / "tiny.npz"), str(d / "prior.pt"), steps=2, phase2_steps=1), out=old, overwrite=True,
+          progress=False, log=messages.append)
+    discarded = json.loads((old / "config.json").read_text())["derived"]["discarded_run"]
+    assert discarded["steps"] == spent["steps"] == 6 and discarded["delta"] == spent["delta"]
+    assert discarded["epsilon"] == pytest.approx(spent["epsilon"], rel=1e-9)
+    warning = [m for m in messages if "--overwrite deletes" in m]
+    assert len(warning) == 1 and "6 DP steps" in warning[0] and f"{spent['epsilon']:.4g}" in warning[0]
+    assert len(ledger_steps(old)) == 2  # the new ledger holds only the new run's steps
+    train(tiny_config(str(d / "tiny.npz"), str(d / "prior.pt"), steps=2, phase2_steps=1), out=tmp_path / "fresh",
+          overwrite=True, progress=False)
+    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["derived"]["discarded_run"] is None
+
+
 def test_run_directory_contents(finished):
     d, result = finished
     run = d / "run"

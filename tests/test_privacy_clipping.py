@@ -212,6 +212,33 @@ def test_empty_batch_gives_zeros():
     assert norms.numel() == 0 and all((t == 0).all() for t in g.values())
 
 
+@pytest.mark.parametrize("method", ["layerwise", "vmap"])
+def test_clipping_runs_with_tf32_off_and_restores_the_callers_setting(method):
+    """TF32 would make the ghost norm and the clipped sum round differently on a GPU (the sum can
+    exceed C); the flags are off while the per-sample gradients are computed, as seen from inside
+    the loss, and the caller's values come back afterwards, also after an error."""
+    seen = []
+
+    def loss_fn(out, y):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return F.cross_entropy(out, y, reduction="none")
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    model = tiny_wrn()
+    x, y = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2])
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        clipped_grad_sum(model, x, y, max_grad_norm=1.0, loss_fn=loss_fn, method=method)
+        assert seen and all(flags == (False, False) for flags in seen)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        with pytest.raises(RuntimeError, match="boom"):
+            clipped_grad_sum(model, x, y, max_grad_norm=1.0, method=method,
+                             loss_fn=lambda out, y: (_ for _ in ()).throw(RuntimeError("boom")))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

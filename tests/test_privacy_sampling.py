@@ -37,6 +37,20 @@ def test_each_index_included_with_probability_q_independently():
     assert abs(pair / steps - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / steps)
 
 
+def test_inclusion_compares_a_float64_uniform_with_q():
+    """A float32 uniform lives on a 2^-24 grid, so ``u < q`` keeps a sample with probability
+    ceil(q * 2^24) / 2^24, up to 2x the q the accountant is told at tiny q (q = 2^-25 keeps every
+    u = 0: a rate of 2^-24). The sampler compares a float64 uniform with q, draw for draw."""
+    n, q = 4096, 0.3
+    gen = torch.Generator().manual_seed(3)
+    sampler = PoissonSampler(num_samples=n, sample_rate=q, generator=gen)
+    for _ in range(3):
+        twin = torch.Generator()
+        twin.set_state(gen.get_state())
+        expected = torch.nonzero(torch.rand(n, generator=twin, dtype=torch.float64) < q).flatten()
+        assert torch.equal(sampler.sample(), expected)
+
+
 def test_empty_batches_happen_and_rate_one():
     sampler = PoissonSampler(num_samples=3, sample_rate=0.2, generator=torch.Generator().manual_seed(2))
     sizes = [len(sampler.sample()) for _ in range(200)]

@@ -263,3 +263,34 @@ class PrivacyLedger:
             composed = self._step_plds[key].self_compose(p.steps)
             total = composed if total is None else total.compose(composed)
         return max(0.0, float(total.get_epsilon_for_delta(self.target_delta)))
+
+
+def spent_budget(run_dir: str | os.PathLike) -> dict | None:
+    """What the run in ``run_dir`` already spent, read before ``--overwrite`` deletes it.
+
+    ``None`` when there is no ledger or it holds no DP step. Otherwise ``steps``, ``epsilon`` and
+    ``delta`` of its ledger; a ledger that cannot be read gives ``None`` for both numbers (the
+    spend is unknown, not zero). Reading never changes the file.
+    """
+    path = Path(run_dir) / LEDGER_NAME
+    if not path.is_file():
+        return None
+    header, records = None, []
+    try:
+        *complete, torn = path.read_bytes().split(b"\n")
+        for line in complete:
+            obj = json.loads(line) if line.strip() else {}
+            if obj.get("kind") == "run" and header is None:
+                header = obj
+            elif obj.get("kind") == "step":
+                records.append(StepRecord(**{k: obj[k] for k in StepRecord.__dataclass_fields__}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {"steps": None, "epsilon": None, "delta": None}
+    if torn.strip() and records:  # the process died writing a record: count it, as open() does
+        records.append(records[-1])
+    if not records:
+        return None
+    if header is None:
+        return {"steps": len(records), "epsilon": None, "delta": None}
+    ledger = PrivacyLedger(path, header, records)
+    return {"steps": len(records), "epsilon": ledger.epsilon(), "delta": ledger.target_delta}

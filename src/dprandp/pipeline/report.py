@@ -163,7 +163,11 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
     guarantee = (f"The released model satisfies ({s['epsilon']:.3f}, {s['delta']:g})-differential privacy "
                  f"with respect to the {s['num_train']} training images (add/remove one image), by the "
                  f"{s['accountant'].upper()} accountant composing every step in <code>ledger.jsonl</code> "
-                 "(Poisson sampling, Gaussian noise, per-sample clipping).")
+                 "(Poisson sampling, Gaussian noise, per-sample clipping). The guarantee covers the model, "
+                 "not this report: the train-batch curve and <code>metrics.jsonl</code> (train loss and "
+                 "accuracy, batch sizes, gradient norms, clipped fraction) are computed from private batches "
+                 "without noise, and the test and validation scores from private held-out data. Keep them "
+                 "private, or publish only the model and ε.")
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8>
 <meta name=viewport content="width=device-width,initial-scale=1">
 <title>dprandp run report: {e(s['dataset'])}</title><style>{_CSS}</style></head><body><main>

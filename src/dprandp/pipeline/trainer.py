@@ -45,7 +45,7 @@ from dprandp.models import create_model
 from dprandp.pipeline import state as st
 from dprandp.pipeline.config import TrainConfig
 from dprandp.pipeline.finish import prior_provenance, prior_sha256
-from dprandp.pipeline.ledger import PrivacyLedger
+from dprandp.pipeline.ledger import PrivacyLedger, spent_budget
 from dprandp.pipeline.probe import ProbeModel, pooled_features
 from dprandp.pipeline.rundir import (
     MetricsLog,
@@ -122,12 +122,7 @@ def _run_device(config: TrainConfig):
 
     device = resolve_device(config.device, world_size=_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     ctx = init_distributed(device=device)
-    if device.type == "cuda":
-        # Full float32 for DP-SGD: with TF32 (cuDNN's default for convolutions) per-sample gradients
-        # were 1.7 % off a float64 reference on an H200 (clipping bounds a slightly different vector
-        # than the one summed), and switching it off cost no measurable speed (BENCHMARKS.md, gpu).
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    # No TF32 switch here: the per-sample clipping runs in full float32 by itself (privacy.tf32_off).
     return device, ctx
 
 
@@ -252,6 +247,12 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
     model = build_model(config, data.num_classes).to(device)
     plan = make_plan(config, data.num_train)
+    discarded = spent_budget(out) if overwrite else None
+    if discarded is not None:
+        eps = "unknown" if discarded["epsilon"] is None else f"{discarded['epsilon']:.4g}"
+        log(f"warning: --overwrite deletes {out}, whose ledger holds {discarded['steps'] or 'an unknown number of'} "
+            f"DP steps (epsilon {eps}) already spent on this data; this run's epsilon does not include them "
+            "(recorded in config.json as discarded_run)")
     run_dir = prepare_run_dir(out, overwrite=overwrite)
     cfg = config.to_dict()
     atomic_write_json(run_dir / "config.json", {
@@ -259,7 +260,7 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
                                   "noise_multiplier": plan.noise_multiplier,
                                   "planned_epsilon": plan.planned_epsilon, "num_classes": data.num_classes,
                                   "phase3_steps": config.phase3_steps, "prior_sha256": prior_sha256(config.prior),
-                                  "prior_provenance": prior_provenance(config.prior)},
+                                  "prior_provenance": prior_provenance(config.prior), "discarded_run": discarded},
         "code_version": code_version()})
     ledger = PrivacyLedger.create(run_dir, target_epsilon=config.target_epsilon, target_delta=config.target_delta,
                                   accountant=config.accountant, deterministic_noise=config.deterministic_noise)

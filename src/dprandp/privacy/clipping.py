@@ -9,7 +9,8 @@ Everything is checked before any computation, so a bad call costs nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,24 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + _EPS)).clamp(max=1.0)
 
 
+@contextmanager
+def tf32_off() -> Iterator[None]:
+    """TF32 off for cuBLAS and cuDNN inside the block, the caller's settings restored after.
+
+    With TF32 (cuDNN's default for convolutions) the ghost-norm path computes a layer's norm with
+    one contraction and its clipped sum with another; the two round differently, so the summed
+    vector can exceed the bound C the norm promised (1.7 % off a float64 reference on an H200,
+    BENCHMARKS.md ``gpu``). Full float32 costs no measurable speed on the DP step. The flags are
+    process-wide; on a CPU they change nothing.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def clip_and_sum(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -99,7 +118,15 @@ def clip_and_sum(
     method: str = "auto",
     precision: str = "fp32",
 ) -> ClippedSum:
-    """:func:`clipped_grad_sum` with per-sample losses and the method used (for the trainer)."""
+    """:func:`clipped_grad_sum` with per-sample losses and the method used (for the trainer).
+
+    Runs in full float32 whatever the caller's TF32 settings (:func:`tf32_off`)."""
+    with tf32_off():
+        return _clip_and_sum(model, inputs, targets, max_grad_norm=max_grad_norm, loss_fn=loss_fn,
+                             multi_view=multi_view, method=method, precision=precision)
+
+
+def _clip_and_sum(model, inputs, targets, *, max_grad_norm, loss_fn, multi_view, method, precision) -> ClippedSum:
     require(
         isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
         and math.isfinite(max_grad_norm) and max_grad_norm > 0,

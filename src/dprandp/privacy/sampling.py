@@ -63,7 +63,9 @@ class PoissonSampler:
     def sample(self) -> torch.Tensor:
         """One logical batch: each index kept independently with probability ``sample_rate``."""
         device = self.generator.device
-        keep = torch.rand(self.num_samples, generator=self.generator, device=device) < self.sample_rate
+        # float64: a float32 uniform has 2^-24 resolution, which would include each sample with
+        # probability ceil(q * 2^24) / 2^24, a hair above the q the accountant is given.
+        keep = torch.rand(self.num_samples, generator=self.generator, device=device, dtype=torch.float64) < self.sample_rate
         picked = torch.nonzero(keep, as_tuple=False).flatten().cpu()
         return picked if self.indices is None else self.indices[picked]
 
