@@ -206,6 +206,38 @@ def test_auto_falls_back_to_vmap_for_unknown_layers():
         clipped_grad_sum(model, x, y, max_grad_norm=0.5, method="layerwise")
 
 
+class BatchCentred(nn.Module):
+    """Linear layers around a parameter-free cross-sample operation, invisible to a module scan."""
+
+    def __init__(self, centre: bool):
+        super().__init__()
+        self.a, self.b, self.centre = nn.Linear(12, 8), nn.Linear(8, 3), centre
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        return self.b(h - h.mean(0, keepdim=True) if self.centre else h)
+
+
+def test_layerwise_refuses_a_forward_that_mixes_samples():
+    """x - x.mean(0) makes each sample's gradient depend on the others, so clipping bounds nothing;
+    the once-per-model check (sample 0 beside sample 1 against alone) refuses it before any sum."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    mixing = BatchCentred(centre=True).double()
+    with pytest.raises(InputError, match="mixes the samples"):
+        clipped_grad_sum(mixing, x, y, max_grad_norm=1.0, method="layerwise")
+    with pytest.raises(InputError, match="mixes the samples"):  # refused again, not remembered as checked
+        clipped_grad_sum(mixing, x, y, max_grad_norm=1.0, method="layerwise")
+    clean = BatchCentred(centre=False).double().train()
+    ref_sum, ref_norms = clipped_reference(loop_reference(clean, x, y), 1.0)
+    g, norms = clipped_grad_sum(clean, x, y, max_grad_norm=1.0, method="layerwise")
+    torch.testing.assert_close(norms, ref_norms)
+    assert clean.training  # the check's eval mode is undone
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n])
+
+
 def test_empty_batch_gives_zeros():
     model = tiny_wrn()
     g, norms = clipped_grad_sum(model, torch.zeros(0, 3, 16, 16, dtype=torch.float64), torch.zeros(0, dtype=torch.long), max_grad_norm=1.0)

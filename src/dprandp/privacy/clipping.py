@@ -9,6 +9,7 @@ Everything is checked before any computation, so a bad call costs nothing.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,6 +90,35 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + _EPS)).clamp(max=1.0)
 
 
+_CHECKED_INDEPENDENT: weakref.WeakSet = weakref.WeakSet()
+
+
+def _check_samples_independent(model: nn.Module, inputs, targets, *, loss_fn, multi_view) -> None:
+    """Refuse a model whose forward pass mixes the samples of a batch.
+
+    The layer-wise engine computes a whole chunk's per-sample gradients in one pass. That is exact
+    only if each sample's output depends on that sample alone, which :func:`validate_model` checks
+    for known layers (BatchNorm) but cannot see in code such as ``x - x.mean(0)`` in a custom
+    ``forward``. Once per model: sample 0's gradient norm computed beside sample 1 must equal its
+    norm computed alone (eval mode, so dropout draws nothing; float32). Costs two tiny passes.
+    """
+    _CHECKED_INDEPENDENT.add(model)
+    training = model.training
+    model.eval()
+    try:
+        kw = dict(max_grad_norm=1.0, loss_fn=loss_fn, multi_view=multi_view, method="layerwise", precision="fp32")
+        pair = _clip_and_sum(model, inputs[:2], targets[:2], **kw).per_sample_norms[0]
+        alone = _clip_and_sum(model, inputs[:1], targets[:1], **kw).per_sample_norms[0]
+    finally:
+        model.train(training)
+    if not torch.isclose(pair, alone, rtol=1e-3, atol=1e-6):
+        _CHECKED_INDEPENDENT.discard(model)
+        raise InputError(
+            "the model's forward pass mixes the samples of a batch: sample 0's gradient norm is "
+            f"{float(pair):.6g} beside sample 1 and {float(alone):.6g} alone, so clipping would not bound one "
+            "sample's influence; remove the cross-sample operation (e.g. statistics over the batch dimension)")
+
+
 @contextmanager
 def tf32_off() -> Iterator[None]:
     """TF32 off for cuBLAS and cuDNN inside the block, the caller's settings restored after.
@@ -137,6 +167,8 @@ def _clip_and_sum(model, inputs, targets, *, max_grad_norm, loss_fn, multi_view,
     method = resolve_method(model, method)
     autocast = low_precision_dtype(precision, method)
     b = inputs.shape[0]
+    if method == "layerwise" and b >= 2 and model not in _CHECKED_INDEPENDENT:
+        _check_samples_independent(model, inputs, targets, loss_fn=loss_fn, multi_view=multi_view)
     if b == 0:
         zeros = {n: torch.zeros_like(p) for n, p in trainable}
         empty = torch.zeros(0, dtype=trainable[0][1].dtype, device=inputs.device)
