@@ -34,6 +34,7 @@ from dprandp.accounting import DPPhase, calibrate_noise, compute_epsilon
 from dprandp.augment import random_crop_flip
 from dprandp.data import ImageData, load_dataset, to_float
 from dprandp.distributed import (
+    barrier,
     broadcast_module,
     distribute_generators,
     init_distributed,
@@ -291,6 +292,9 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
         raise InputError(f"run config {run_dir / 'config.json'} is not a dprandp training config ({exc})") from None
     device, ctx = _run_device(config)  # torchrun: other ranks resume from a private copy of the run dir
     log = ctx.main_only(log)
+    if ctx.is_main:
+        PrivacyLedger.open(run_dir)  # repairs a torn last record before the other ranks copy the ledger
+    barrier()
     run_dir = rank_run_dir(run_dir, ctx, copy=True)
     ckpt = st.load_checkpoint(run_dir)
     ledger = PrivacyLedger.open(run_dir)
