@@ -77,7 +77,7 @@ def union_batches(world_size: int, steps: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(D.rank_seed(SPEC["sampling_seed"], r, "sampling"))
         shard = torch.arange(r, SPEC["num_samples"], world_size)
         q = SPEC["batch_size"] / SPEC["num_samples"]
-        per_rank.append([shard[torch.rand(shard.numel(), generator=g) < q] for _ in range(steps)])
+        per_rank.append([shard[torch.rand(shard.numel(), generator=g, dtype=torch.float64) < q] for _ in range(steps)])
     return [torch.sort(torch.cat([b[t] for b in per_rank])).values for t in range(steps)]
 
 
