@@ -46,6 +46,8 @@ RECIPE_KEYS = ("model", "process", "num_images", "image_size", "epochs", "batch_
 #: only at epsilon = 1 (lr 2); above it the earlier choice (lr 4, at T = 100) ran.
 LINEAR_PROBE = {"lr_phase2": 0.5, "momentum": 0.9}
 SCRATCH_LR = {1.0: 2.0, 2.0: 4.0, 4.0: 4.0, 8.0: 4.0}
+#: The Phase I variant measured beside the preset (session 14): more rendered images, same epochs.
+PHASE1_MORE_IMAGES = 24_000
 PAPER = {"randp": "72.3 %", "lp": "61.3 %", "scratch": "56.8 % (De et al.)"}  # SPEC.md, eps = 1, WRN-16-4
 
 
@@ -73,6 +75,7 @@ class Row:
     settings: dict = field(default_factory=dict)  # DP settings that must match (others: the preset's)
     metric: str = "test_accuracy"
     ignore: tuple[str, ...] = ()  # DP keys this arm does not read
+    recipe: dict = field(default_factory=dict)  # Phase I recipe keys that differ from the preset's
 
 
 def load_runs(results: Path = RESULTS) -> list[Run]:
@@ -130,6 +133,10 @@ def rows(dp: dict) -> list[Row]:
     lp = {**LINEAR_PROBE, "phase2_steps": dp["steps"]}
     out = [Row(f"**DP-RandP (Phases I + II + III), the `cpu` preset (K = {k})**", "randp"),
            Row("the same, with flip test-time augmentation", "randp", metric="test_accuracy_flip")]
+    more = {"num_images": PHASE1_MORE_IMAGES}
+    out += [Row(f"DP-RandP with {PHASE1_MORE_IMAGES // 1000}k images in Phase I (otherwise the preset)", "randp",
+                recipe=more),
+            Row("the same, with flip test-time augmentation", "randp", metric="test_accuracy_flip", recipe=more)]
     if k != 1:
         out += [Row("DP-RandP with K = 1 (otherwise the preset)", "randp", {"augmult": 1}),
                 Row("the same, with flip test-time augmentation", "randp", {"augmult": 1}, "test_accuracy_flip")]
@@ -147,7 +154,7 @@ def matches(run: Run, row: Row, dp: dict, phase1: dict) -> bool:
         return False
     if row.arm != "scratch":
         recipe = run.prior_recipe or {}
-        if any(recipe.get(k) != v for k, v in phase1.items()):
+        if any(recipe.get(k) != v for k, v in {**phase1, **row.recipe}.items()):
             return False
     if row.arm == "nonprivate":  # its own fixed recipe; only the model and head must be the preset's
         return all(run.config.get(k) == dp[k] for k in ("model", "head_pool"))

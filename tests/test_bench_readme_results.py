@@ -76,6 +76,17 @@ def test_whole_pipeline_runs_carry_their_own_prior_recipe(tmp_path):
     assert "| 64.0 % (n = 1) |" in row and "60 min with Phase I" in row
 
 
+def test_a_prior_with_more_phase1_images_enters_its_own_row_only(tmp_path):
+    more = {**PRESET_RECIPE, "num_images": rr.PHASE1_MORE_IMAGES}
+    runs = _write(tmp_path, utility=[_run(0.60), _run(0.64, sha="m" * 64), _run(0.99, sha="o" * 64)],
+                  priors={"a" * 64: {"recipe": PRESET_RECIPE}, "m" * 64: {"recipe": more},
+                          "o" * 64: {"recipe": {**more, "epochs": 36}}})
+    lines = rr.render(runs).splitlines()
+    assert "| 60.0 % (n = 1) |" in lines[2]
+    row = next(line for line in lines if f"{rr.PHASE1_MORE_IMAGES // 1000}k images in Phase I" in line)
+    assert "| 64.0 % (n = 1) |" in row and "99.0" not in row
+
+
 @pytest.mark.parametrize("missing", ["begin", "end"])
 def test_a_readme_without_markers_is_refused(missing):
     text = f"{rr.BEGIN}\nold\n{rr.END}".replace(rr.BEGIN if missing == "begin" else rr.END, "")
