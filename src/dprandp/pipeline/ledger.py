@@ -269,7 +269,7 @@ def spent_budget(run_dir: str | os.PathLike) -> dict | None:
     """What the run in ``run_dir`` already spent, read before ``--overwrite`` deletes it.
 
     ``None`` when there is no ledger or it holds no DP step. Otherwise ``steps``, ``epsilon`` and
-    ``delta`` of its ledger; a ledger that cannot be read gives ``None`` for both numbers (the
+    ``delta`` of its ledger; a ledger that cannot be read gives ``None`` for each of them (the
     spend is unknown, not zero). Reading never changes the file.
     """
     path = Path(run_dir) / LEDGER_NAME
