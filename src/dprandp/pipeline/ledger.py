@@ -92,23 +92,7 @@ class PrivacyLedger:
         path = Path(run_dir) / LEDGER_NAME
         require(path.exists(), f"no privacy ledger at {path}")
         raw = path.read_bytes()
-        lines = raw.split(b"\n")
-        complete, torn = lines[:-1], lines[-1]
-        header, records = None, []
-        for i, line in enumerate(complete):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(f"privacy ledger {path} is corrupt at line {i + 1}") from None
-            if obj.get("kind") == "run" and header is None:
-                header = obj
-            elif obj.get("kind") == "step":
-                try:
-                    records.append(StepRecord(**{k: obj[k] for k in StepRecord.__dataclass_fields__}))
-                except (KeyError, TypeError):
-                    raise InputError(f"privacy ledger {path}: malformed step record at line {i + 1}") from None
+        header, records, torn = _parse(raw, path)
         require(header is not None, f"privacy ledger {path} has no header line")
         ledger = cls(path, header, records)
         if torn.strip():
@@ -275,16 +259,9 @@ def spent_budget(run_dir: str | os.PathLike) -> dict | None:
     path = Path(run_dir) / LEDGER_NAME
     if not path.is_file():
         return None
-    header, records = None, []
     try:
-        *complete, torn = path.read_bytes().split(b"\n")
-        for line in complete:
-            obj = json.loads(line) if line.strip() else {}
-            if obj.get("kind") == "run" and header is None:
-                header = obj
-            elif obj.get("kind") == "step":
-                records.append(StepRecord(**{k: obj[k] for k in StepRecord.__dataclass_fields__}))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        header, records, torn = _parse(path.read_bytes(), path)
+    except (OSError, InputError):
         return {"steps": None, "epsilon": None, "delta": None}
     if torn.strip() and records:  # the process died writing a record: count it, as open() does
         records.append(records[-1])
@@ -294,3 +271,26 @@ def spent_budget(run_dir: str | os.PathLike) -> dict | None:
         return {"steps": len(records), "epsilon": None, "delta": None}
     ledger = PrivacyLedger(path, header, records)
     return {"steps": len(records), "epsilon": ledger.epsilon(), "delta": ledger.target_delta}
+
+
+def _parse(raw: bytes, path: Path) -> tuple[dict | None, list[StepRecord], bytes]:
+    """The header, the step records and the torn last line (``b""`` if none) of a ledger's bytes."""
+    *complete, torn = raw.split(b"\n")
+    header, records = None, []
+    for i, line in enumerate(complete):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"privacy ledger {path} is corrupt at line {i + 1}") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"privacy ledger {path} is corrupt at line {i + 1}")
+        if obj.get("kind") == "run" and header is None:
+            header = obj
+        elif obj.get("kind") == "step":
+            try:
+                records.append(StepRecord(**{k: obj[k] for k in StepRecord.__dataclass_fields__}))
+            except (KeyError, TypeError):
+                raise InputError(f"privacy ledger {path}: malformed step record at line {i + 1}") from None
+    return header, records, torn
