@@ -105,7 +105,24 @@ CASES = {
     "run: epsilon zero": lambda f: ["run", "--epsilon", "0", "--out", str(f["dir"] / "newrun")],
     "run: delta >= 1/N (digits)": lambda f: ["run", "--prior", "none", "--delta", "0.01",
                                              "--out", str(f["dir"] / "newrun")],
+    "tune: a grid setting that changes the mechanism": lambda f: tune_cmd(f, "--grid", "steps=1,2"),
+    "tune: a grid value that is no number": lambda f: tune_cmd(f, "--grid", "lr-phase3=fast"),
+    "tune: a grid without '='": lambda f: tune_cmd(f, "--grid", "lr-phase3"),
+    "tune: no grid": lambda f: tune_cmd(f),
+    "tune: no validation split": lambda f: tune_cmd(f, "--grid", "lr-phase3=1,2", val=None),
+    "tune: fewer than one run on average": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", "--runs-mean", "0.5"),
+    "tune: a negative shape": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", "--runs-shape", "-1"),
+    "tune: the score noise alone spends the budget": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", "--score-noise",
+                                                                        "0.5", "--runs-mean", "20"),
+    "tune: noiseless score": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", "--score-noise", "0"),
+    "tune: deterministic noise": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", "--deterministic-noise"),
+    "tune: output exists": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", out=str(f["dir"])),
 }
+
+
+def tune_cmd(f, *extra, val="0.25", out=None):
+    return ["tune", *tiny_flags(f["good"]), "--prior", f["prior"], "--epsilon", "1",
+            *(["--val-fraction", val] if val else []), "--out", out or str(f["dir"] / "newtune"), *extra]
 
 
 def snapshot(d):

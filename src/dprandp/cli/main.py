@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dprandp.cli.train", "Phases II + III (DP-SGD) on private data from a prior."),
     "pretrain": ("dprandp.cli.pretrain", "Phase I: contrastive pretraining on random-process images."),
     "generate": ("dprandp.cli.generate", "Render random-process images to a .npy store."),
+    "tune": ("dprandp.cli.tune", "Private hyperparameter search: the best of a random number of runs, one budget."),
     "evaluate": ("dprandp.cli.evaluate", "Test accuracy of a trained model checkpoint."),
     "epsilon": ("dprandp.cli.epsilon", "Privacy spent (epsilon) by one or more DP-SGD phases."),
     "calibrate": ("dprandp.cli.calibrate", "Smallest noise multiplier that reaches a target epsilon."),

@@ -73,15 +73,21 @@ class Plan:
                 for s in (config.phase2_steps, config.phase3_steps) if s > 0]
 
 
-def make_plan(config: TrainConfig, num_train: int) -> Plan:
-    """q = B / N from the config; one sigma for all steps (calibrated unless given)."""
+def sample_rate_for(config: TrainConfig, num_train: int) -> float:
+    """q = B / N from the config (never from a loader), after checking delta < 1/N and B <= N."""
     n = num_train
     require(config.target_delta < 1.0 / n,
             f"delta = {config.target_delta:g} must be below 1/N = 1/{n} = {1.0 / n:.3g} "
             f"(N = {n} training images); a larger delta allows leaking whole records")
     require(config.batch_size <= n, f"batch size {config.batch_size} exceeds the {n} training images; pass a smaller "
                                     f"--batch-size (for a few hundred images: 128, as in README.md's BreastMNIST section)")
-    q = config.batch_size / n
+    return config.batch_size / n
+
+
+def make_plan(config: TrainConfig, num_train: int) -> Plan:
+    """q = B / N from the config; one sigma for all steps (calibrated unless given)."""
+    n = num_train
+    q = sample_rate_for(config, n)
     shape = [DPPhase(sample_rate=q, noise_multiplier=1.0, steps=config.steps)]
     if config.noise_multiplier is None:
         cal = calibrate_noise(target_epsilon=config.target_epsilon, target_delta=config.target_delta,

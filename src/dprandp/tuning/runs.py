@@ -1,0 +1,133 @@
+"""``tune``: private random search over DP training runs, one (epsilon, delta) for the released model.
+
+Every candidate is a full DP training run (Phases II + III) on the training split with the same
+noise multiplier, sample rate and steps (so every run is the same DP mechanism; only settings that
+leave it unchanged may vary, :data:`TUNABLE`). Its score is the number of correct predictions on
+the validation split plus Gaussian noise. The noise multiplier is calibrated so that the whole
+search, the best run released, meets the target (:func:`~dprandp.tuning.calibrate_tuning_noise`).
+
+What leaves the output directory: the best run's directory (``model/``) and ``tuning.json`` (its
+hyperparameters, its noisy score, the accounting). The number of runs, the other runs and their
+scores are never written: the bound does not cover them. The console log and the wall time do
+show how many runs there were; they are for the operator, like the private data itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import secrets
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from dprandp.accounting import compute_epsilon
+from dprandp.errors import require
+from dprandp.pipeline.config import TrainConfig
+from dprandp.tuning.accounting import calibrate_tuning_noise
+from dprandp.tuning.repetitions import Repetitions
+from dprandp.tuning.search import noisy_count, private_search
+
+#: Settings a search may vary: none of them changes the DP mechanism (q, sigma, steps, C-relative noise).
+TUNABLE = ("lr_phase2", "lr_phase3", "momentum", "augmult", "max_grad_norm", "freeze_stages", "head_pool")
+#: The default std of the noise on the count of correct validation predictions.
+SCORE_NOISE = 20.0
+MODEL_DIR = "model"
+RESULT_FILE = "tuning.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuningConfig:
+    """The search: a grid of settings (name -> values), the distribution of the number of runs,
+    and the score's noise std (in validation examples)."""
+
+    grid: tuple[tuple[str, tuple], ...]
+    repetitions: Repetitions
+    score_noise: float = SCORE_NOISE
+
+    def __post_init__(self) -> None:
+        require(len(self.grid) > 0, "a search needs at least one --grid setting")
+        for name, values in self.grid:
+            require(name in TUNABLE, f"--grid {name}: only settings that leave the DP mechanism unchanged can be "
+                                     f"searched ({', '.join(TUNABLE)})")
+            require(len(values) > 0, f"--grid {name} has no values")
+        names = [name for name, _ in self.grid]
+        require(len(set(names)) == len(names), "each setting may appear in --grid once")
+        require(math.isfinite(self.score_noise) and self.score_noise > 0,
+                f"the score noise must be a finite number > 0, got {self.score_noise}")
+
+    @classmethod
+    def from_mapping(cls, grid: Mapping[str, Sequence], **kwargs) -> TuningConfig:
+        return cls(grid=tuple((k, tuple(v)) for k, v in grid.items()), **kwargs)
+
+    def candidates(self, base: TrainConfig) -> list[TrainConfig]:
+        """Every combination of the grid's values on top of ``base`` (each one validated)."""
+        names = [name for name, _ in self.grid]
+        return [replace(base, **dict(zip(names, combo))) for combo in itertools.product(*(v for _, v in self.grid))]
+
+
+def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: bool | None = None, log=None,
+         data=None, rng: np.random.Generator | None = None) -> dict:
+    """Run the private search into the new directory ``out``; return what ``tuning.json`` holds.
+
+    ``rng`` draws the number of runs, the candidates and the score noise; by default it is seeded
+    from 128 bits of OS entropy and never recorded (a recorded seed would reveal the number of runs).
+    """
+    from dprandp.data import load_dataset
+    from dprandp.pipeline.rundir import atomic_write_json
+    from dprandp.pipeline.trainer import Plan, sample_rate_for, train
+
+    log = log or (lambda msg: None)
+    out = Path(out)
+    require(not out.exists(), f"output directory {out} already exists; choose another --out (nothing was written)")
+    require(not base.deterministic_noise, "tuning needs fresh noise in every run; drop --deterministic-noise")
+    require(base.noise_multiplier is None, "tuning calibrates the noise itself; drop --noise-multiplier")
+    candidates = tuning.candidates(base)
+    if data is None:
+        data = load_dataset(base.dataset, base.data, val_fraction=base.val_fraction, val_seed=base.seed)
+    require(data.x_val is not None and len(data.x_val) > 0,
+            "tuning scores runs on a validation split: pass --val-fraction (e.g. 0.1)")
+    shape = Plan(num_train=data.num_train, sample_rate=sample_rate_for(base, data.num_train), noise_multiplier=0.0,
+                 planned_epsilon=0.0)
+    phases = shape.phases(base)
+    sigma, eps = calibrate_tuning_noise(target_epsilon=base.target_epsilon, target_delta=base.target_delta,
+                                        phases=phases, score_noise=tuning.score_noise, repetitions=tuning.repetitions)
+    per_run = compute_epsilon([p.with_noise(sigma) for p in phases], target_delta=base.target_delta,
+                              accountant=base.accountant)
+    log(f"tuning: {len(candidates)} candidates, {tuning.repetitions.mean:g} runs on average (shape "
+        f"{tuning.repetitions.shape:g}); sigma = {sigma:.4f} for tuning epsilon {eps:.4f} (one run alone: {per_run:.4f})")
+    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    out.mkdir(parents=True)
+
+    def run(config: TrainConfig, index: int):
+        # a fresh seed per run: runs must be independent (the split is fixed: `data` is loaded once)
+        config = replace(config, noise_multiplier=sigma, target_epsilon=per_run, seed=secrets.randbits(31))
+        run_dir = out / f".candidate-{secrets.token_hex(8)}"  # no index in the name: it would count the runs
+        log(f"tuning: candidate run {index + 1} ({', '.join(f'{k} = {getattr(config, k)}' for k, _ in tuning.grid)})")
+        result = train(config, out=run_dir, progress=progress, log=log, data=data)
+        correct = round(result.summary["val_accuracy"] * len(data.y_val))
+        return noisy_count(correct, noise=tuning.score_noise, rng=rng), run_dir
+
+    best = private_search(candidates, run, repetitions=tuning.repetitions, rng=rng,
+                          discard=lambda run_dir: shutil.rmtree(run_dir, ignore_errors=True))
+    record = {
+        "target_epsilon": base.target_epsilon, "target_delta": base.target_delta,
+        "epsilon": eps, "accountant": "rdp (repeat and select; Papernot & Steinke 2022)",
+        "noise_multiplier": sigma, "epsilon_of_one_run_alone": per_run,
+        "repetitions": {"mean": tuning.repetitions.mean, "shape": tuning.repetitions.shape},
+        "score": "correct validation predictions + N(0, score_noise^2)", "score_noise": tuning.score_noise,
+        "num_val": len(data.y_val), "split_seed": base.seed, "grid": {k: list(v) for k, v in tuning.grid},
+        "released": None,
+    }
+    if best is not None:
+        best.result.rename(out / MODEL_DIR)
+        chosen = {k: getattr(best.candidate, k) for k, _ in tuning.grid}
+        record["released"] = {"run_dir": MODEL_DIR, "settings": chosen, "noisy_val_correct": best.score,
+                              "noisy_val_accuracy": best.score / len(data.y_val)}
+        atomic_write_json(out / MODEL_DIR / RESULT_FILE, record)
+    atomic_write_json(out / RESULT_FILE, record)
+    return json.loads((out / RESULT_FILE).read_text())
