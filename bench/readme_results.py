@@ -46,8 +46,10 @@ RECIPE_KEYS = ("model", "process", "num_images", "image_size", "epochs", "batch_
 #: only at epsilon = 1 (lr 2); above it the earlier choice (lr 4, at T = 100) ran.
 LINEAR_PROBE = {"lr_phase2": 0.5, "momentum": 0.9}
 SCRATCH_LR = {1.0: 2.0, 2.0: 4.0, 4.0: 4.0, 8.0: 4.0}
-#: The Phase I variant measured beside the preset (session 14): more rendered images, same epochs.
-PHASE1_MORE_IMAGES = 24_000
+#: The preset's Phase I recipe until session 14 (15k rendered images, otherwise today's recipe). The
+#: baselines below (K = 1, the linear probe, the ceiling) were measured on such priors, so their rows
+#: name it instead of following the preset; the preset's own 15k-image runs get a row of their own.
+PHASE1_UNTIL_SESSION_14 = {"num_images": 15_000}
 PAPER = {"randp": "72.3 %", "lp": "61.3 %", "scratch": "56.8 % (De et al.)"}  # SPEC.md, eps = 1, WRN-16-4
 
 
@@ -131,21 +133,23 @@ def preset_recipes() -> tuple[dict, dict]:
 def rows(dp: dict) -> list[Row]:
     k = dp["augmult"]
     lp = {**LINEAR_PROBE, "phase2_steps": dp["steps"]}
+    old = PHASE1_UNTIL_SESSION_14
+    small = f"{old['num_images'] // 1000}k Phase I images"
     out = [Row(f"**DP-RandP (Phases I + II + III), the `cpu` preset (K = {k})**", "randp"),
            Row("the same, with flip test-time augmentation", "randp", metric="test_accuracy_flip")]
-    more = {"num_images": PHASE1_MORE_IMAGES}
-    out += [Row(f"DP-RandP with {PHASE1_MORE_IMAGES // 1000}k images in Phase I (otherwise the preset)", "randp",
-                recipe=more),
-            Row("the same, with flip test-time augmentation", "randp", metric="test_accuracy_flip", recipe=more)]
+    out += [Row(f"DP-RandP with {small} (the preset until session 14)", "randp", recipe=old),
+            Row("the same, with flip test-time augmentation", "randp", metric="test_accuracy_flip", recipe=old)]
     if k != 1:
-        out += [Row("DP-RandP with K = 1 (otherwise the preset)", "randp", {"augmult": 1}),
-                Row("the same, with flip test-time augmentation", "randp", {"augmult": 1}, "test_accuracy_flip")]
-    out += [Row("DP-RandP without Phase III (linear probe; K does not enter, Phase II trains on cached "
-                "features)", "lp", lp, ignore=("augmult", "lr_phase3")),
+        out += [Row(f"DP-RandP with K = 1, {small}", "randp", {"augmult": 1}, recipe=old),
+                Row("the same, with flip test-time augmentation", "randp", {"augmult": 1}, "test_accuracy_flip",
+                    recipe=old)]
+    out += [Row(f"DP-RandP without Phase III (linear probe; K does not enter, Phase II trains on cached "
+                f"features), {small}", "lp", lp, ignore=("augmult", "lr_phase3"), recipe=old),
             Row(f"DP-SGD from scratch, K = {k}", "scratch", ignore=("phase2_steps", "lr_phase2", "phase2_features")),
             Row("DP-SGD from scratch, K = 1", "scratch", {"augmult": 1},
                 ignore=("phase2_steps", "lr_phase2", "phase2_features")) if k != 1 else None,
-            Row("non-private ceiling (the prior fine-tuned without clipping or noise)", "nonprivate")]
+            Row(f"non-private ceiling (the prior fine-tuned without clipping or noise), {small}", "nonprivate",
+                recipe=old)]
     return [r for r in out if r is not None]
 
 
@@ -237,12 +241,19 @@ def lr_phase3_text() -> str:
 
 
 def explicit(command: str, row: Row) -> str:
-    """``command`` with the row's own settings spelled out, so that it stays exact when the preset moves."""
-    for key, value in row.settings.items():
-        flag = "--" + key.replace("_", "-")
+    """``command`` with the row's own settings spelled out, so that it stays exact when the preset moves
+    (a whole-pipeline command also names the row's Phase I recipe; a ``train`` command names its prior file)."""
+    flags = {"--" + key.replace("_", "-"): value for key, value in row.settings.items()}
+    if command.startswith("dprandp run"):
+        flags.update({PHASE1_FLAGS[key]: value for key, value in row.recipe.items()})
+    for flag, value in flags.items():
         if f"{flag} " not in f"{command} ":
             command += f" {flag} {value:g}"
     return command
+
+
+#: ``dprandp run``'s flag for each Phase I recipe key a row may change.
+PHASE1_FLAGS = {"num_images": "--pretrain-images", "epochs": "--pretrain-epochs"}
 
 
 def representative(runs: list[Run]) -> Run:

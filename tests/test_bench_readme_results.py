@@ -6,7 +6,7 @@ import pytest
 
 from bench import readme_results as rr
 
-PRESET_RECIPE = {"model": "wrn-16-1", "process": "stylegan-oriented", "num_images": 15000, "image_size": 64,
+PRESET_RECIPE = {"model": "wrn-16-1", "process": "stylegan-oriented", "num_images": 24000, "image_size": 64,
                  "epochs": 48, "batch_size": 128, "lr_per_256": 0.12, "seed": 0}
 PRESET_DP = {"dataset": "cifar10", "model": "wrn-16-1", "head_pool": 4, "batch_size": 1000, "augmult": 2,
              "steps": 300, "phase2_steps": 60, "lr_phase2": 8.0, "lr_phase3": 2.0, "momentum": 0.0,
@@ -25,7 +25,7 @@ def test_the_rule_reads_the_preset_from_the_code():
 
     dp, phase1 = rr.preset_recipes()
     assert dp["augmult"] == PRESETS["cpu"]["augmult"] and dp["steps"] == PRESETS["cpu"]["steps"]
-    assert phase1["epochs"] == 48 and phase1["num_images"] == 15000
+    assert phase1["epochs"] == 48 and phase1["num_images"] == 24000
 
 
 def _write(tmp_path, utility=(), pipeline=(), priors=None):
@@ -76,15 +76,21 @@ def test_whole_pipeline_runs_carry_their_own_prior_recipe(tmp_path):
     assert "| 64.0 % (n = 1) |" in row and "60 min with Phase I" in row
 
 
-def test_a_prior_with_more_phase1_images_enters_its_own_row_only(tmp_path):
-    more = {**PRESET_RECIPE, "num_images": rr.PHASE1_MORE_IMAGES}
-    runs = _write(tmp_path, utility=[_run(0.60), _run(0.64, sha="m" * 64), _run(0.99, sha="o" * 64)],
-                  priors={"a" * 64: {"recipe": PRESET_RECIPE}, "m" * 64: {"recipe": more},
-                          "o" * 64: {"recipe": {**more, "epochs": 36}}})
+def test_a_prior_of_the_old_phase1_recipe_enters_its_own_row_only(tmp_path):
+    old = {**PRESET_RECIPE, **rr.PHASE1_UNTIL_SESSION_14}
+    runs = _write(tmp_path, utility=[_run(0.64), _run(0.60, sha="s" * 64), _run(0.99, sha="o" * 64)],
+                  priors={"a" * 64: {"recipe": PRESET_RECIPE}, "s" * 64: {"recipe": old},
+                          "o" * 64: {"recipe": {**old, "epochs": 36}}})
     lines = rr.render(runs).splitlines()
-    assert "| 60.0 % (n = 1) |" in lines[2]
-    row = next(line for line in lines if f"{rr.PHASE1_MORE_IMAGES // 1000}k images in Phase I" in line)
-    assert "| 64.0 % (n = 1) |" in row and "99.0" not in row
+    assert "| 64.0 % (n = 1) |" in lines[2] and "60.0" not in lines[2]
+    row = next(line for line in lines if "the preset until session 14" in line)
+    assert "| 60.0 % (n = 1) |" in row and "99.0" not in row and "64.0" not in row
+
+
+def test_a_whole_pipeline_command_names_the_rows_phase1_recipe():
+    row = rr.Row("15k", "randp", recipe={"num_images": 15000})
+    assert rr.explicit("dprandp run --preset cpu", row) == "dprandp run --preset cpu --pretrain-images 15000"
+    assert rr.explicit("dprandp train --prior p.pt", row) == "dprandp train --prior p.pt"  # the file says it
 
 
 @pytest.mark.parametrize("missing", ["begin", "end"])
