@@ -234,3 +234,20 @@ def test_a_search_without_a_validation_split_is_refused_before_it_writes(tmp_pat
     with pytest.raises(InputError, match="val-fraction"):
         _tiny_search(tmp_path, 0, val_fraction=0.0)
     assert not (tmp_path / "search").exists()
+
+
+def test_an_interrupted_search_leaves_no_run_behind(tmp_path, monkeypatch):
+    import dprandp.pipeline.trainer as trainer
+
+    real, calls = trainer.train, []
+
+    def train_then_fail(config, **kwargs):
+        calls.append(config)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", train_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_search(tmp_path, rng_seed=2)
+    assert list((tmp_path / "search").iterdir()) == []

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dprandp.accounting import compute_epsilon
+from dprandp.accounting import DPPhase, compute_epsilon
 from dprandp.errors import require
 from dprandp.pipeline.config import TrainConfig
 from dprandp.tuning.accounting import calibrate_tuning_noise
@@ -96,8 +96,9 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
     phases = shape.phases(base)
     sigma, eps = calibrate_tuning_noise(target_epsilon=base.target_epsilon, target_delta=base.target_delta,
                                         phases=phases, score_noise=tuning.score_noise, repetitions=tuning.repetitions)
-    per_run = compute_epsilon([p.with_noise(sigma) for p in phases], target_delta=base.target_delta,
-                              accountant=base.accountant)
+    # one run's own epsilon, computed exactly as `train` checks it (all steps as one phase), so it passes
+    per_run = compute_epsilon([DPPhase(sample_rate=shape.sample_rate, noise_multiplier=sigma, steps=base.steps)],
+                              target_delta=base.target_delta, accountant=base.accountant)
     log(f"tuning: {len(candidates)} candidates, {tuning.repetitions.mean:g} runs on average (shape "
         f"{tuning.repetitions.shape:g}); sigma = {sigma:.4f} for tuning epsilon {eps:.4f} (one run alone: {per_run:.4f})")
     rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
@@ -112,8 +113,13 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
         correct = round(result.summary["val_accuracy"] * len(data.y_val))
         return noisy_count(correct, noise=tuning.score_noise, rng=rng), run_dir
 
-    best = private_search(candidates, run, repetitions=tuning.repetitions, rng=rng,
-                          discard=lambda run_dir: shutil.rmtree(run_dir, ignore_errors=True))
+    try:
+        best = private_search(candidates, run, repetitions=tuning.repetitions, rng=rng,
+                              discard=lambda run_dir: shutil.rmtree(run_dir, ignore_errors=True))
+    except BaseException:  # an interrupted search releases nothing: its runs are not covered one by one
+        for leftover in out.glob(".candidate-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        raise
     record = {
         "target_epsilon": base.target_epsilon, "target_delta": base.target_delta,
         "epsilon": eps, "accountant": "rdp (repeat and select; Papernot & Steinke 2022)",
