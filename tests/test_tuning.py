@@ -221,6 +221,15 @@ def test_a_search_releases_one_model_and_the_accounting_and_nothing_about_the_ot
     summary = json.loads((out / "model" / "summary.json").read_text())
     assert summary["noise_multiplier"] == pytest.approx(record["noise_multiplier"])
     assert json.loads((out / "model" / "tuning.json").read_text()) == record
+    # the released run states the search's epsilon, not one run's, wherever it states one
+    assert summary["search_epsilon"] == pytest.approx(record["epsilon"])
+    assert summary["epsilon"] == pytest.approx(record["epsilon_of_one_run_alone"], rel=1e-6)
+    from dprandp.pipeline import load_model
+
+    _, meta = load_model(out / "model" / "model.pt")
+    assert meta["epsilon"] == pytest.approx(record["epsilon"]) and meta["epsilon_of_one_run_alone"] < meta["epsilon"]
+    report = (out / "model" / "report.html").read_text()
+    assert "selected by a private hyperparameter search" in report and f"ε = {record['epsilon']:.3f}" in report
 
 
 @pytest.mark.parametrize("grid,match", [({"steps": [3, 4]}, "unchanged"), ({"lr_phase3": []}, "no values")])

@@ -146,7 +146,8 @@ def prior_preview(prior: str | None, n: int = 32) -> np.ndarray | None:
 
 
 def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported, final: dict,
-               steps_applied: int, stopped: str | None, wall_time_s: float, log) -> "TrainResult":
+               steps_applied: int, stopped: str | None, wall_time_s: float, log,
+               search: dict | None = None) -> "TrainResult":
     from dprandp.pipeline.report import write_report
     from dprandp.pipeline.state import CHECKPOINT_NAME
     from dprandp.pipeline.trainer import TrainResult
@@ -166,6 +167,10 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
     if ledger.steps > steps_applied:
         notes.append(f"The ledger counts {ledger.steps} DP steps but the model received {steps_applied} updates: "
                      f"{ledger.steps - steps_applied} step(s) were lost in a crash and are still counted.")
+    if search is not None:
+        notes.append(f"This run is one candidate of a private hyperparameter search (dprandp tune). Released, it "
+                     f"satisfies ({search['epsilon']:.3f}, {config.target_delta:g})-DP with the search included "
+                     f"(tuning.json); the epsilon of {epsilon:.3f} in this report is one run's alone.")
     if config.deterministic_noise:
         notes.append("--deterministic-noise: noise and batch sampling were seeded from --seed. Reproducible, but "
                      "anyone who knows the seed can subtract the noise: never release such a model.")
@@ -185,10 +190,13 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         "deterministic_noise": config.deterministic_noise, "stopped_early": stopped,
         "finished": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
+    if search is not None:
+        summary["search_epsilon"] = search["epsilon"]
     require(epsilon <= config.target_epsilon + 1e-12, "internal error: the ledger exceeds the target epsilon")
     save_model(run_dir / "model.pt", reported, model_name=config.model, data=data,
-               extra={"epsilon": epsilon, "delta": config.target_delta, "dataset": data.name,
-                      "train_config": config.to_dict()})
+               extra={"epsilon": epsilon if search is None else search["epsilon"], "delta": config.target_delta,
+                      "dataset": data.name, "train_config": config.to_dict(),
+                      **({} if search is None else {"epsilon_of_one_run_alone": epsilon, "search": search})})
     ledger_phases = [{"sample_rate": p.sample_rate, "noise_multiplier": p.noise_multiplier, "steps": p.steps}
                      for p in ledger.phases()]
     write_report(run_dir, summary=summary, config=config.to_dict(), metrics=MetricsLog(run_dir).read(),

@@ -127,7 +127,10 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
     cards = [
         ("test accuracy", _pct(s["test_accuracy"]),
          f"final EMA model, n = {s['num_test']} (chance ≈ {100 / s['num_classes']:.0f} %)", "good"),
-        ("privacy", f"ε = {s['epsilon']:.3f}", f"δ = {s['delta']:g} (target ε = {s['target_epsilon']:g})", ""),
+        ("privacy", f"ε = {s['epsilon']:.3f}", f"δ = {s['delta']:g} (target ε = {s['target_epsilon']:g})", "")
+        if s.get("search_epsilon") is None else
+        ("privacy (with the search)", f"ε = {s['search_epsilon']:.3f}", f"δ = {s['delta']:g}; one run alone: "
+         f"ε = {s['epsilon']:.3f}", ""),
         ("noise", f"σ = {s['noise_multiplier']:.3f}", f"clip C = {s['max_grad_norm']:g}, q = {s['sample_rate']:.4g}", ""),
         ("DP steps", f"{s['steps']}", f"II: {s['phase2_steps_done']} · III: {s['phase3_steps_done']}", ""),
     ]
@@ -160,10 +163,18 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
     if "prior_images.png" in plots:
         prior_html = ("<h2>The prior's training images (synthetic, no private data)</h2>"
                       f"<div class=wide>{_img('prior_images.png', plots['prior_images.png'])}</div>")
-    guarantee = (f"The released model satisfies ({s['epsilon']:.3f}, {s['delta']:g})-differential privacy "
+    if s.get("search_epsilon") is None:
+        claim = (f"The released model satisfies ({s['epsilon']:.3f}, {s['delta']:g})-differential privacy "
                  f"with respect to the {s['num_train']} training images (add/remove one image), by the "
                  f"{s['accountant'].upper()} accountant composing every step in <code>ledger.jsonl</code> "
-                 "(Poisson sampling, Gaussian noise, per-sample clipping). The guarantee covers the model, "
+                 "(Poisson sampling, Gaussian noise, per-sample clipping).")
+    else:
+        claim = (f"This run was selected by a private hyperparameter search: released, the model satisfies "
+                 f"({s['search_epsilon']:.3f}, {s['delta']:g})-differential privacy with respect to the training "
+                 "and validation images (add/remove one image), the search included (RDP repeat-and-select "
+                 f"bound, <code>tuning.json</code>). Its own steps in <code>ledger.jsonl</code> alone give "
+                 f"ε = {s['epsilon']:.3f}; that is not the guarantee of a selected model.")
+    guarantee = (f"{claim} The guarantee covers the model, "
                  "not this report: the train-batch curve and <code>metrics.jsonl</code> (train loss and "
                  "accuracy, batch sizes, gradient norms, clipped fraction) are computed from private batches "
                  "without noise, and the test and validation scores from private held-out data. Keep them "

@@ -239,11 +239,13 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, progress: bool | None = None,
-          log=None, data: ImageData | None = None) -> TrainResult:
+          log=None, data: ImageData | None = None, search: dict | None = None) -> TrainResult:
     """Run Phases II + III from scratch into a new run directory ``out``.
 
     Everything that can be refused (data, prior, budget, delta) is checked before the directory
-    is created, so a refused run writes nothing.
+    is created, so a refused run writes nothing. ``search`` (from :func:`dprandp.tuning.runs.tune`)
+    marks the run as one candidate of a private search: its model file, summary and report then
+    state the search's epsilon, the guarantee it has if released.
     """
     device, ctx = _run_device(config)  # torchrun: nccl on GPUs, gloo on CPUs; rank 0 writes `out`,
     log = ctx.main_only(log or (lambda msg: None))  # the other ranks a private scratch directory
@@ -280,7 +282,7 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
                        generators=gens, config=cfg, ledger_steps=0,
                        deterministic_noise=config.deterministic_noise, extra={"wall_time_s": 0.0})
     return _loop(config, run_dir, data, model, ema, gens, ledger, plan, start=0, optimizer_state=None,
-                 wall_before=0.0, t_start=t0, progress=progress, log=log)
+                 wall_before=0.0, t_start=t0, progress=progress, log=log, search=search)
 
 
 def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data: ImageData | None = None) -> TrainResult:
@@ -335,7 +337,7 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
 
 
 def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optimizer_state, wall_before,
-          t_start, progress, log) -> TrainResult:
+          t_start, progress, log, search: dict | None = None) -> TrainResult:
     from tqdm.auto import tqdm
 
     from dprandp.pipeline.finish import finish_run
@@ -431,7 +433,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
     metrics.append(_clean(final))
     return finish_run(run_dir, config=config, data=data, plan=plan, ledger=ledger, reported=eval_model,
                       final=final, steps_applied=steps_applied, stopped=stopped,
-                      wall_time_s=wall_before + time.time() - t_start, log=log)
+                      wall_time_s=wall_before + time.time() - t_start, log=log, search=search)
 
 
 def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step: int, *, final: bool = False) -> dict:

@@ -102,6 +102,9 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
     log(f"tuning: {len(candidates)} candidates, {tuning.repetitions.mean:g} runs on average (shape "
         f"{tuning.repetitions.shape:g}); sigma = {sigma:.4f} for tuning epsilon {eps:.4f} (one run alone: {per_run:.4f})")
     rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    stamp = {"epsilon": eps, "delta": base.target_delta, "noise_multiplier": sigma,
+             "repetitions": {"mean": tuning.repetitions.mean, "shape": tuning.repetitions.shape},
+             "score_noise": tuning.score_noise}
     out.mkdir(parents=True)
 
     def run(config: TrainConfig, index: int):
@@ -109,7 +112,7 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
         config = replace(config, noise_multiplier=sigma, target_epsilon=per_run, seed=secrets.randbits(31))
         run_dir = out / f".candidate-{secrets.token_hex(8)}"  # no index in the name: it would count the runs
         log(f"tuning: candidate run {index + 1} ({', '.join(f'{k} = {getattr(config, k)}' for k, _ in tuning.grid)})")
-        result = train(config, out=run_dir, progress=progress, log=log, data=data)
+        result = train(config, out=run_dir, progress=progress, log=log, data=data, search=stamp)
         correct = round(result.summary["val_accuracy"] * len(data.y_val))
         return noisy_count(correct, noise=tuning.score_noise, rng=rng), run_dir
 
