@@ -22,7 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._report import write_section  # noqa: E402
 from dprandp.accounting import DPPhase, calibrate_noise  # noqa: E402
-from dprandp.tuning import Repetitions, calibrate_tuning_noise  # noqa: E402
+from dp_accounting import GaussianDpEvent  # noqa: E402
+
+from dprandp.tuning import Repetitions, calibrate_tuning_noise, selection_epsilon  # noqa: E402
 
 N, B, STEPS, PHASE2, EPS, DELTA, SCORE_NOISE = 45_000, 1000, 300, 60, 1.0, 1e-5, 20.0
 SHAPES = {"logarithmic (shape 0)": 0.0, "truncated neg. binomial (shape 0.5)": 0.5, "geometric (shape 1)": 1.0,
@@ -55,6 +57,15 @@ def main() -> None:
              f"T = {STEPS}). Ratio: σ over one run's PLD σ; the noise per step grows by that factor.", "",
              "| procedure | runs | σ | σ ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {runs} | {sigma:.3f} | {sigma / one:.2f}x |" for name, runs, sigma in rows]
+    lines += ["", "The score's noise (std on the count of correct validation predictions; 3 runs on average, "
+              "logarithmic): the selection of the scores alone spends the first column's ε, every run's σ follows.",
+              "", "| score noise std | ε of the scores alone | σ | σ ratio |", "| --- | --- | --- | --- |"]
+    for noise in (10.0, 20.0, 50.0, 100.0):
+        rep = Repetitions(mean=3.0, shape=0.0)
+        alone = selection_epsilon(GaussianDpEvent(noise), rep, target_delta=DELTA)
+        sigma, _ = calibrate_tuning_noise(target_epsilon=EPS, target_delta=DELTA, phases=phases, score_noise=noise,
+                                          repetitions=rep)
+        lines.append(f"| {noise:g} | {alone:.3f} | {sigma:.3f} | {sigma / one:.2f}x |")
     lines += ["", f"Computed in {time.time() - t0:.0f} s. A random search is accounted with RDP (PLD has no "
               "repeat-and-select bound), which alone costs the 'one run (RDP)' row's ratio. The score is the "
               f"validation count of correct predictions plus N(0, {SCORE_NOISE:g}²)."]

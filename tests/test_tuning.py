@@ -207,29 +207,59 @@ def _tiny_search(tmp_path, rng_seed, val_fraction=0.25, **grid):
 def test_a_search_releases_one_model_and_the_accounting_and_nothing_about_the_other_runs(tmp_path):
     import json
 
+    import torch
+
     record, messages, base = _tiny_search(tmp_path, rng_seed=2)
     k = Repetitions(mean=2.5).sample(np.random.default_rng(2))
     assert sum("candidate run" in m for m in messages) == k >= 2
     out = tmp_path / "search"
-    assert sorted(p.name for p in out.iterdir()) == ["model", "tuning.json"]  # the losing runs are gone
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "private-run", "tuning.json"]  # the losers are gone
     assert record["epsilon"] <= base.target_epsilon and record["released"]["settings"]["lr_phase3"] in (0.1, 0.5)
     assert record["epsilon_of_one_run_alone"] < record["epsilon"]
     assert set(record) == {"target_epsilon", "target_delta", "epsilon", "accountant", "noise_multiplier",
                            "epsilon_of_one_run_alone", "repetitions", "score", "score_noise", "num_val",
                            "split_seed", "grid", "released"}  # nothing counts the runs
-    assert set(record["released"]) == {"run_dir", "settings", "noisy_val_correct", "noisy_val_accuracy"}
-    summary = json.loads((out / "model" / "summary.json").read_text())
-    assert summary["noise_multiplier"] == pytest.approx(record["noise_multiplier"])
-    assert json.loads((out / "model" / "tuning.json").read_text()) == record
-    # the released run states the search's epsilon, not one run's, wherever it states one
-    assert summary["search_epsilon"] == pytest.approx(record["epsilon"])
-    assert summary["epsilon"] == pytest.approx(record["epsilon_of_one_run_alone"], rel=1e-6)
+    assert set(record["released"]) == {"model", "settings", "noisy_val_correct", "noisy_val_accuracy"}
+    # the released model file states the search's epsilon, and holds no time and no run count
     from dprandp.pipeline import load_model
 
-    _, meta = load_model(out / "model" / "model.pt")
+    _, meta = load_model(out / "model.pt")
     assert meta["epsilon"] == pytest.approx(record["epsilon"]) and meta["epsilon_of_one_run_alone"] < meta["epsilon"]
-    report = (out / "model" / "report.html").read_text()
-    assert "selected by a private hyperparameter search" in report and f"ε = {record['epsilon']:.3f}" in report
+    assert meta["settings"] == record["released"]["settings"] and "search_candidate" not in meta
+    assert meta["search"] == {k: v for k, v in record.items() if k != "released"}
+    released, private = (torch.load(p, weights_only=True)["state_dict"] for p in (out / "model.pt",
+                                                                                  out / "private-run" / "model.pt"))
+    assert all(torch.equal(released[name], private[name]) for name in private)
+    # the selected run's own directory says what it is and that it stays private
+    summary = json.loads((out / "private-run" / "summary.json").read_text())
+    assert summary["search_epsilon"] == pytest.approx(record["epsilon"])
+    assert summary["noise_multiplier"] == pytest.approx(record["noise_multiplier"])
+    report = (out / "private-run" / "report.html").read_text()
+    assert "candidate of a private hyperparameter search" in report and "Keep this directory private" in report
+
+
+def test_a_failing_run_counts_as_a_lost_run_and_the_search_goes_on(tmp_path, monkeypatch):
+    import dprandp.pipeline.trainer as trainer
+
+    real, calls = trainer.train, []
+
+    def first_run_diverges(config, **kwargs):
+        calls.append(config)
+        if len(calls) == 1:
+            raise RuntimeError("loss became nan at step 2")
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", first_run_diverges)
+    record, messages, _ = _tiny_search(tmp_path, rng_seed=2)
+    assert len(calls) == 2 and any("failed" in m for m in messages)
+    assert record["released"] is not None and (tmp_path / "search" / "model.pt").is_file()
+    assert not list((tmp_path / "search").glob(".candidate-*"))
+
+
+def test_a_search_under_torchrun_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="torchrun"):
+        _tiny_search(tmp_path, 0)
 
 
 @pytest.mark.parametrize("grid,match", [({"steps": [3, 4]}, "unchanged"), ({"lr_phase3": []}, "no values")])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
+from pathlib import Path
 
 import click
 
 from dprandp.cli.options import emit_json
 from dprandp.cli.train_options import (
-    default_run_dir,
     make_log,
     overrides_from,
     preset_option,
@@ -51,13 +52,13 @@ def parse_grid(specs: tuple[str, ...]) -> dict[str, list]:
 @click.option("--runs-mean", type=float, default=3.0, show_default=True,
               help="mean number of training runs (the number is random; that is what makes tuning cheap to account)")
 @click.option("--runs-shape", type=float, default=0.0, show_default=True,
-              help="distribution of the number of runs: 0 logarithmic (the least noise for 3-10 runs on "
-                   "average, BENCHMARKS.md tuning_cost), 1 geometric, other > 0 truncated negative binomial, "
-                   "inf Poisson (Papernot & Steinke 2022)")
+              help="distribution of the number of runs: 0 logarithmic (of the families that always release a "
+                   "model, the least noise for 2-10 runs on average; BENCHMARKS.md tuning_cost), 1 geometric, "
+                   "other > 0 truncated negative binomial, inf Poisson (can draw 0 runs: releases nothing)")
 @click.option("--score-noise", type=float, default=None,
               help="std of the Gaussian noise on each run's count of correct validation predictions (default 20)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="directory to create: model/ (the released run) and tuning.json (default: runs/tune-<dataset>-<time>)")
+              help="directory to create: model.pt and tuning.json (to release), private-run/ (default: runs/tune-<dataset>-<random>)")
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print tuning.json as one JSON object")
@@ -79,7 +80,7 @@ def command(preset: str, prior: str | None, grid_specs, runs_mean: float, runs_s
     config = make_preset(preset, prior=None if prior.lower() == "none" else prior, **overrides_from(flags))
     tuning = TuningConfig.from_mapping(parse_grid(grid_specs), repetitions=Repetitions(mean=runs_mean, shape=runs_shape),
                                        score_noise=SCORE_NOISE if score_noise is None else score_noise)
-    out = out or default_run_dir(f"tune-{config.dataset}")
+    out = out or Path("runs") / f"tune-{config.dataset}-{secrets.token_hex(4)}"  # no start time in the name
     record = tune(config, tuning, out=out, progress=progress_default(no_progress), log=log)
     if as_json:
         emit_json({**record, "out": str(out)})
@@ -89,8 +90,8 @@ def command(preset: str, prior: str | None, grid_specs, runs_mean: float, runs_s
         click.echo(f"no run was drawn (a Poisson number of runs can be 0): nothing is released; {eps}")
         return
     chosen = ", ".join(f"{k} = {v:g}" for k, v in record["released"]["settings"].items())
-    click.echo(f"released: {chosen}; noisy score {record['released']['noisy_val_correct']:.1f} correct of "
+    click.echo(f"selected: {chosen}; noisy score {record['released']['noisy_val_correct']:.1f} correct of "
                f"{record['num_val']} validation images (noise std {record['score_noise']:g}) at {eps}; "
                f"sigma = {record['noise_multiplier']:.3f}")
-    click.echo(f"model: {out}/model (its summary.json gives one run's epsilon, {record['epsilon_of_one_run_alone']:.3f}; "
-               f"the guarantee of the released model is the search's, in {out}/tuning.json)")
+    click.echo(f"release {out}/model.pt and {out}/tuning.json; keep {out}/private-run private (its exact scores "
+               "and times are not covered)")

@@ -168,9 +168,9 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         notes.append(f"The ledger counts {ledger.steps} DP steps but the model received {steps_applied} updates: "
                      f"{ledger.steps - steps_applied} step(s) were lost in a crash and are still counted.")
     if search is not None:
-        notes.append(f"This run is one candidate of a private hyperparameter search (dprandp tune). Released, it "
-                     f"satisfies ({search['epsilon']:.3f}, {config.target_delta:g})-DP with the search included "
-                     f"(tuning.json); the epsilon of {epsilon:.3f} in this report is one run's alone.")
+        notes.append("Keep this directory private: its exact validation score and its times are not covered by "
+                     "the search's guarantee (the times tell how many runs there were). Release model.pt and "
+                     "tuning.json from the search's directory instead.")
     if config.deterministic_noise:
         notes.append("--deterministic-noise: noise and batch sampling were seeded from --seed. Reproducible, but "
                      "anyone who knows the seed can subtract the noise: never release such a model.")
@@ -194,9 +194,8 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         summary["search_epsilon"] = search["epsilon"]
     require(epsilon <= config.target_epsilon + 1e-12, "internal error: the ledger exceeds the target epsilon")
     save_model(run_dir / "model.pt", reported, model_name=config.model, data=data,
-               extra={"epsilon": epsilon if search is None else search["epsilon"], "delta": config.target_delta,
-                      "dataset": data.name, "train_config": config.to_dict(),
-                      **({} if search is None else {"epsilon_of_one_run_alone": epsilon, "search": search})})
+               extra={"epsilon": epsilon, "delta": config.target_delta, "dataset": data.name,
+                      "train_config": config.to_dict(), **({} if search is None else {"search_candidate": True})})
     ledger_phases = [{"sample_rate": p.sample_rate, "noise_multiplier": p.noise_multiplier, "steps": p.steps}
                      for p in ledger.phases()]
     write_report(run_dir, summary=summary, config=config.to_dict(), metrics=MetricsLog(run_dir).read(),

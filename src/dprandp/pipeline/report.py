@@ -169,11 +169,13 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
                  f"{s['accountant'].upper()} accountant composing every step in <code>ledger.jsonl</code> "
                  "(Poisson sampling, Gaussian noise, per-sample clipping).")
     else:
-        claim = (f"This run was selected by a private hyperparameter search: released, the model satisfies "
-                 f"({s['search_epsilon']:.3f}, {s['delta']:g})-differential privacy with respect to the training "
-                 "and validation images (add/remove one image), the search included (RDP repeat-and-select "
-                 f"bound, <code>tuning.json</code>). Its own steps in <code>ledger.jsonl</code> alone give "
-                 f"ε = {s['epsilon']:.3f}; that is not the guarantee of a selected model.")
+        claim = (f"This run is a candidate of a private hyperparameter search (dprandp tune). If the search "
+                 f"selects it, the <code>model.pt</code> it writes next to <code>tuning.json</code> satisfies "
+                 f"({s['search_epsilon']:.3f}, {s['delta']:g})-differential privacy with the search included (RDP "
+                 "repeat-and-select bound), with respect to the training and validation images for the fixed "
+                 f"split (add/remove one image of either). Its own steps in <code>ledger.jsonl</code> give "
+                 f"ε = {s['epsilon']:.3f}; that is no guarantee for a selected model, and a run from a search "
+                 "that did not finish has none to claim.")
     guarantee = (f"{claim} The guarantee covers the model, "
                  "not this report: the train-batch curve and <code>metrics.jsonl</code> (train loss and "
                  "accuracy, batch sizes, gradient norms, clipped fraction) are computed from private batches "

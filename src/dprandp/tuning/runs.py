@@ -6,10 +6,12 @@ leave it unchanged may vary, :data:`TUNABLE`). Its score is the number of correc
 the validation split plus Gaussian noise. The noise multiplier is calibrated so that the whole
 search, the best run released, meets the target (:func:`~dprandp.tuning.calibrate_tuning_noise`).
 
-What leaves the output directory: the best run's directory (``model/``) and ``tuning.json`` (its
-hyperparameters, its noisy score, the accounting). The number of runs, the other runs and their
-scores are never written: the bound does not cover them. The console log and the wall time do
-show how many runs there were; they are for the operator, like the private data itself.
+What may leave the output directory: ``model.pt`` (the best run's model, stating the search's
+epsilon) and ``tuning.json`` (its hyperparameters, its noisy score, the accounting). The number of
+runs, the other runs and their scores are never written: the bound does not cover them. The best
+run's own directory is kept as ``private-run/`` for the operator: its exact validation score and
+step times are not covered either. So are the console log and the wall time, which show how many
+runs there were.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import secrets
 import shutil
 from collections.abc import Mapping, Sequence
@@ -36,8 +39,25 @@ from dprandp.tuning.search import noisy_count, private_search
 TUNABLE = ("lr_phase2", "lr_phase3", "momentum", "augmult", "max_grad_norm", "freeze_stages", "head_pool")
 #: The default std of the noise on the count of correct validation predictions.
 SCORE_NOISE = 20.0
-MODEL_DIR = "model"
+MODEL_FILE = "model.pt"
 RESULT_FILE = "tuning.json"
+#: The selected run's own directory: diagnostics for the operator, not covered by the guarantee.
+PRIVATE_DIR = "private-run"
+
+
+def release_model(source: Path, target: Path, record: dict) -> None:
+    """Write the selected model to ``target`` stating the search's epsilon (and no time or run count)."""
+    import torch
+
+    from dprandp.pipeline.rundir import atomic_torch_save
+
+    obj = torch.load(source, map_location="cpu", weights_only=True)
+    obj.pop("search", None)
+    obj.pop("search_candidate", None)
+    obj.update(epsilon=record["epsilon"], delta=record["target_delta"], epsilon_of_one_run_alone=record[
+        "epsilon_of_one_run_alone"], search={k: v for k, v in record.items() if k != "released"},
+        settings=record["released"]["settings"])
+    atomic_torch_save(target, obj)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +105,8 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
     out = Path(out)
     require(not out.exists(), f"output directory {out} already exists; choose another --out (nothing was written)")
     require(not base.deterministic_noise, "tuning needs fresh noise in every run; drop --deterministic-noise")
+    require(int(os.environ.get("WORLD_SIZE", "1")) == 1,
+            "dprandp tune runs in one process (each torchrun rank would draw its own runs); start it without torchrun")
     require(base.noise_multiplier is None, "tuning calibrates the noise itself; drop --noise-multiplier")
     candidates = tuning.candidates(base)
     if data is None:
@@ -112,13 +134,21 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
         config = replace(config, noise_multiplier=sigma, target_epsilon=per_run, seed=secrets.randbits(31))
         run_dir = out / f".candidate-{secrets.token_hex(8)}"  # no index in the name: it would count the runs
         log(f"tuning: candidate run {index + 1} ({', '.join(f'{k} = {getattr(config, k)}' for k, _ in tuning.grid)})")
-        result = train(config, out=run_dir, progress=progress, log=log, data=data, search=stamp)
+        try:
+            result = train(config, out=run_dir, progress=progress, log=log, data=data, search=stamp)
+        except Exception as exc:  # e.g. a diverging loss: the run counts, scores -inf, and the search goes on
+            log(f"tuning: this run failed ({exc}); it counts as a run that lost")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return -math.inf, None
         correct = round(result.summary["val_accuracy"] * len(data.y_val))
         return noisy_count(correct, noise=tuning.score_noise, rng=rng), run_dir
 
+    def discard(run_dir):
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
     try:
-        best = private_search(candidates, run, repetitions=tuning.repetitions, rng=rng,
-                              discard=lambda run_dir: shutil.rmtree(run_dir, ignore_errors=True))
+        best = private_search(candidates, run, repetitions=tuning.repetitions, rng=rng, discard=discard)
     except BaseException:  # an interrupted search releases nothing: its runs are not covered one by one
         for leftover in out.glob(".candidate-*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -132,11 +162,14 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
         "num_val": len(data.y_val), "split_seed": base.seed, "grid": {k: list(v) for k, v in tuning.grid},
         "released": None,
     }
-    if best is not None:
-        best.result.rename(out / MODEL_DIR)
+    if best is not None and best.result is not None:
         chosen = {k: getattr(best.candidate, k) for k, _ in tuning.grid}
-        record["released"] = {"run_dir": MODEL_DIR, "settings": chosen, "noisy_val_correct": best.score,
+        record["released"] = {"model": MODEL_FILE, "settings": chosen, "noisy_val_correct": best.score,
                               "noisy_val_accuracy": best.score / len(data.y_val)}
-        atomic_write_json(out / MODEL_DIR / RESULT_FILE, record)
+        # The run directory holds diagnostics the bound does not cover (the exact validation score,
+        # step times that count the runs after it): it stays private. The released model file is
+        # written now, with the search's epsilon, so that no file time tells when the winner ran.
+        best.result.rename(out / PRIVATE_DIR)
+        release_model(out / PRIVATE_DIR / "model.pt", out / MODEL_FILE, record)
     atomic_write_json(out / RESULT_FILE, record)
     return json.loads((out / RESULT_FILE).read_text())
