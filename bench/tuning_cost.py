@@ -58,7 +58,8 @@ def main() -> None:
              "| procedure | runs | σ | σ ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {runs} | {sigma:.3f} | {sigma / one:.2f}x |" for name, runs, sigma in rows]
     lines += ["", "The score's noise (std on the count of correct validation predictions; 3 runs on average, "
-              "logarithmic): the selection of the scores alone spends the first column's ε, every run's σ follows.",
+              "logarithmic): the second column is the ε that selecting among the scores alone spends; the third is "
+              "every run's σ.",
               "", "| score noise std | ε of the scores alone | σ | σ ratio |", "| --- | --- | --- | --- |"]
     for noise in (10.0, 20.0, 50.0, 100.0):
         rep = Repetitions(mean=3.0, shape=0.0)
