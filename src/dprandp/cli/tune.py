@@ -87,7 +87,7 @@ def command(preset: str, prior: str | None, grid_specs, runs_mean: float, runs_s
         return
     eps = f"(epsilon = {record['epsilon']:.3f}, delta = {record['target_delta']:g}) for the whole search"
     if record["released"] is None:
-        click.echo(f"no run was drawn (a Poisson number of runs can be 0): nothing is released; {eps}")
+        click.echo(f"nothing is released: no run was drawn (a Poisson number can be 0) or every run failed; {eps}")
         return
     chosen = ", ".join(f"{k} = {v:g}" for k, v in record["released"]["settings"].items())
     click.echo(f"selected: {chosen}; noisy score {record['released']['noisy_val_correct']:.1f} correct of "
