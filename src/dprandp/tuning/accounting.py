@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import dp_accounting
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dprandp.accounting import DPPhase, composed_event
+from dprandp.accounting import DPPhase, _bracket, _illinois, composed_event
 from dprandp.errors import require
 from dprandp.tuning.repetitions import Repetitions
 
@@ -79,11 +79,10 @@ def calibrate_tuning_noise(*, target_epsilon: float, target_delta: float, phases
     require(floor < target_epsilon,
             f"the tuning alone (score noise {score_noise:g}, {repetitions.mean:g} runs on average) spends "
             f"epsilon {floor:.3g} >= the target {target_epsilon:g}: raise --score-noise or the target, or lower the runs")
-    lo, hi = 0.0, 1.0
-    while eps(hi) > target_epsilon:
-        lo, hi = hi, 2 * hi
-        require(hi < 1e6, f"no noise reaches tuning epsilon {target_epsilon:g}")
-    while hi - lo > rtol * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
+    def excess(sigma: float) -> float:  # <= 0: feasible; the shared root finder of dprandp.accounting
+        e = eps(sigma)
+        return math.log(e) - math.log(target_epsilon) if e > 0 else -math.inf
+
+    lo, hi = _bracket(excess, 1.0)
+    lo, hi = _illinois(excess, lo, hi, rtol)
     return hi, eps(hi)

@@ -124,9 +124,15 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
     log(f"tuning: {len(candidates)} candidates, {tuning.repetitions.mean:g} runs on average (shape "
         f"{tuning.repetitions.shape:g}); sigma = {sigma:.4f} for tuning epsilon {eps:.4f} (one run alone: {per_run:.4f})")
     rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
-    stamp = {"epsilon": eps, "delta": base.target_delta, "noise_multiplier": sigma,
-             "repetitions": {"mean": tuning.repetitions.mean, "shape": tuning.repetitions.shape},
-             "score_noise": tuning.score_noise}
+    record = {
+        "target_epsilon": base.target_epsilon, "target_delta": base.target_delta,
+        "epsilon": eps, "accountant": "rdp (repeat and select; Papernot & Steinke 2022)",
+        "noise_multiplier": sigma, "epsilon_of_one_run_alone": per_run,
+        "repetitions": {"mean": tuning.repetitions.mean, "shape": tuning.repetitions.shape},
+        "score": "correct validation predictions + N(0, score_noise^2)", "score_noise": tuning.score_noise,
+        "num_val": len(data.y_val), "split_seed": base.seed, "grid": {k: list(v) for k, v in tuning.grid},
+    }
+    stamp = dict(record)  # what each candidate's own files state about the search
     out.mkdir(parents=True)
 
     def run(config: TrainConfig, index: int):
@@ -153,15 +159,7 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
         for leftover in out.glob(".candidate-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         raise
-    record = {
-        "target_epsilon": base.target_epsilon, "target_delta": base.target_delta,
-        "epsilon": eps, "accountant": "rdp (repeat and select; Papernot & Steinke 2022)",
-        "noise_multiplier": sigma, "epsilon_of_one_run_alone": per_run,
-        "repetitions": {"mean": tuning.repetitions.mean, "shape": tuning.repetitions.shape},
-        "score": "correct validation predictions + N(0, score_noise^2)", "score_noise": tuning.score_noise,
-        "num_val": len(data.y_val), "split_seed": base.seed, "grid": {k: list(v) for k, v in tuning.grid},
-        "released": None,
-    }
+    record["released"] = None
     if best is not None and best.result is not None:
         chosen = {k: getattr(best.candidate, k) for k, _ in tuning.grid}
         record["released"] = {"model": MODEL_FILE, "settings": chosen, "noisy_val_correct": best.score,
