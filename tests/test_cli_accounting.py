@@ -43,6 +43,10 @@ def test_calibrate_json():
     (["epsilon", "--phase", "0.1:1:0"], "STEPS"),
     (["epsilon", "--phase", "0.1:1:10", "--delta", "2"], "delta"),
     (["epsilon", "--phase", "0.1:1:10", "--accountant", "foo"], "accountant"),
+    (["epsilon", "--phase", "0.1:1:1e30"], "steps"),
+    (["calibrate", "--epsilon", "1", "--sample-rate", "0.1", "--steps", "10000000000000"], "steps"),
+    (["calibrate", "--epsilon", "1e9", "--sample-rate", "0.1", "--steps", "10"], "epsilon"),
+    (["audit", "--epsilon", "1e9", "--steps", "1", "--canaries", "10"], "epsilon"),
 ])
 def test_bad_input_one_line_exit_2(args, fragment):
     r = dprandp(*args)

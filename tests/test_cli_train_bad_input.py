@@ -1,4 +1,4 @@
-"""Bad input to `dprandp train / run / evaluate`: exit 2, one line on stderr, nothing written over.
+"""Bad input to `dprandp train / run / evaluate / tune / pretrain`: exit 2, one line on stderr, nothing written over.
 
 Table-driven through the real CLI entry point (``dprandp.cli.main.main``, in process to keep the
 suite fast; one case also runs as a subprocess to cover the console script path).
@@ -54,6 +54,8 @@ def files(tmp_path_factory):
     save_model(d / "model3.pt", create_model("wrn-10-1", num_classes=3, seed=0), model_name="wrn-10-1",
                data=three, extra={})
     (d / "badmodel.pt").write_bytes(b"\x80\x02garbage")
+    np.save(d / "store.npy", np.zeros((8, 16, 16, 3), np.uint8))
+    f["store"] = str(d / "store.npy")
     return f
 
 
@@ -94,6 +96,13 @@ CASES = {
     "resume a non-run dir": lambda f: ["train", "--resume", str(f["dir"] / "existing_run")],
     "resume with flags": lambda f: ["train", "--resume", str(f["dir"] / "existing_run"), "--epsilon", "2"],
     "unknown preset": lambda f: train_cmd(f, "good", "--preset", "gpu"),
+    "epsilon above the maximum": lambda f: train_cmd(f, "good", "--epsilon", "1e9"),
+    "head pool finer than the feature grid": lambda f: train_cmd(f, "good", "--head-pool", "1000"),
+    "prior is a directory": lambda f: train_cmd(f, prior=str(f["dir"] / "existing_run")),
+    "phase II steps without a prior": lambda f: train_cmd(f, "good", "--phase2-steps", "1", prior="none"),
+    "phase II share without a prior": lambda f: train_cmd(f, "good", "--phase2-share", "0.5", prior="none"),
+    "steps and phase III steps disagree without a prior": lambda f: train_cmd(f, "good", "--phase3-steps", "5",
+                                                                              prior="none"),
     "evaluate: missing model": lambda f: ["evaluate", "--model", str(f["dir"] / "nope.pt"), "--dataset", "npz",
                                           "--data", f["good"]],
     "evaluate: corrupt model": lambda f: ["evaluate", "--model", str(f["dir"] / "badmodel.pt"), "--dataset", "npz",
@@ -105,6 +114,9 @@ CASES = {
     "run: epsilon zero": lambda f: ["run", "--epsilon", "0", "--out", str(f["dir"] / "newrun")],
     "run: delta >= 1/N (digits)": lambda f: ["run", "--prior", "none", "--delta", "0.01",
                                              "--out", str(f["dir"] / "newrun")],
+    "run: --prior with Phase I flags": lambda f: ["run", "--prior", "none", "--pretrain-epochs", "3", "--no-cache",
+                                                  "--out", str(f["dir"] / "newrun")],
+    "run: negative --pretrain-seed": lambda f: ["run", "--pretrain-seed", "-1", "--out", str(f["dir"] / "newrun")],
     "tune: a grid setting that changes the mechanism": lambda f: tune_cmd(f, "--grid", "steps=1,2"),
     "tune: a grid value that is no number": lambda f: tune_cmd(f, "--grid", "lr-phase3=fast"),
     "tune: a grid without '='": lambda f: tune_cmd(f, "--grid", "lr-phase3"),
@@ -117,7 +129,18 @@ CASES = {
     "tune: noiseless score": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", "--score-noise", "0"),
     "tune: deterministic noise": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", "--deterministic-noise"),
     "tune: output exists": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", out=str(f["dir"])),
+    "tune: output under a file": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", out=str(f["dir"] / "a_file" / "t")),
+    "tune: a freeze-stages value the model lacks": lambda f: tune_cmd(f, "--grid", "freeze-stages=0,99"),
+    "tune: a head pool finer than the feature grid": lambda f: tune_cmd(f, "--grid", "head-pool=1,1000"),
+    "pretrain: output under a file": lambda f: pretrain_cmd(f, "--out", str(f["dir"] / "a_file" / "p.pt")),
+    "pretrain: negative seed": lambda f: pretrain_cmd(f, "--seed", "-1"),
 }
+
+
+def pretrain_cmd(f, *extra):
+    out = [] if "--out" in extra else ["--out", str(f["dir"] / "newprior.pt")]
+    return ["pretrain", "--images", f["store"], "--preset", "cpu", "--model", "wrn-10-1", "--epochs", "1",
+            "--batch-size", "4", "--no-progress", *out, *extra]
 
 
 def tune_cmd(f, *extra, val="0.25", out=None):

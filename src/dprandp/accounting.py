@@ -31,6 +31,9 @@ ACCOUNTANTS = ("pld", "rdp")
 PLD_FINE = 1e-4
 #: Coarser grid used to bracket a calibration quickly. Still pessimistic (an upper bound).
 PLD_COARSE = 1e-3
+#: Largest target epsilon a noise multiplier is calibrated for: far beyond any meaningful privacy,
+#: and larger targets need noise so small that the accountant overflows or takes very long.
+MAX_TARGET_EPSILON = 100.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,8 +114,13 @@ def compute_epsilon(
     if any(isinstance(p.dp_event(), dp_accounting.NonPrivateDpEvent) for p in phases):
         return math.inf
     acc = _make_accountant(accountant, pld_discretization)
-    acc.compose(composed_event(phases))
-    eps = float(acc.get_epsilon(target_delta))
+    try:
+        acc.compose(composed_event(phases))
+        eps = float(acc.get_epsilon(target_delta))
+    except (OverflowError, MemoryError):
+        steps = sum(p.steps for p in phases)
+        raise InputError(f"the {accountant} accountant cannot handle {steps} steps at these sample rates and noise "
+                         "(out of range or out of memory); use fewer steps or more noise") from None
     return max(eps, 0.0)
 
 
@@ -144,6 +152,8 @@ def calibrate_noise(
         isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon),
         f"target epsilon must be a finite number > 0, got {target_epsilon}",
     )
+    require(target_epsilon <= MAX_TARGET_EPSILON,
+            f"target epsilon must be <= {MAX_TARGET_EPSILON:g} (beyond that DP promises nothing), got {target_epsilon:g}")
     _check_delta(target_delta)
     _check_accountant(accountant)
     phases = list(phases)

@@ -18,6 +18,7 @@ from dprandp.cli.train_options import (
     set_threads,
     train_options,
 )
+from dprandp.errors import require
 
 
 @click.command("run")
@@ -47,7 +48,13 @@ def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_image
     log = make_log(set_threads(threads))
     overrides = overrides_from(flags)
     pretrain_config = None
+    require(pretrain_seed is None or pretrain_seed >= 0, f"--pretrain-seed must be an integer >= 0, got {pretrain_seed}")
     if prior is not None:
+        phase1 = {"--pretrain-preset": pretrain_preset, "--pretrain-epochs": pretrain_epochs,
+                  "--pretrain-images": pretrain_images, "--pretrain-seed": pretrain_seed, "--no-cache": no_cache or None}
+        given = [flag for flag, value in phase1.items() if value is not None]
+        require(not given, f"--prior skips Phase I, so {', '.join(given)} would have no effect; drop "
+                           f"{'it' if len(given) == 1 else 'them'} or drop --prior")
         prior_path = None if prior.lower() == "none" else prior
     else:
         prior_path = "<phase I>"

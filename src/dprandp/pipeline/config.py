@@ -29,6 +29,10 @@ from dprandp.errors import InputError, require
 PAPER_PHASE2_SHARE = 96 / 875
 
 
+#: Largest ``head_pool``: every model sees 32 x 32 images (data.base.RESOLUTION), so its final
+#: features form an 8 x 8 grid; a finer pool would only repeat them (and blow up the head).
+MAX_HEAD_POOL = 8
+
 #: ``precision`` values: the DP steps' forward/backward arithmetic (clipping is float32 either way).
 PRECISIONS = ("fp32", "bf16")
 
@@ -104,6 +108,8 @@ class TrainConfig:
             pos_int(name)
         pos_int("phase2_steps", 0)
         pos_int("head_pool")
+        require(self.head_pool <= MAX_HEAD_POOL, f"head-pool must be at most {MAX_HEAD_POOL} (the final features of a "
+                                                 f"32 x 32 image are {MAX_HEAD_POOL} x {MAX_HEAD_POOL}), got {self.head_pool}")
         pos_int("freeze_stages", 0)
         pos_int("eval_every", 0)
         for name in ("target_epsilon", "max_grad_norm", "lr_phase2", "lr_phase3"):
@@ -203,7 +209,12 @@ def preset(name: str, **overrides) -> TrainConfig:
         require(isinstance(phase3, int) and phase3 >= 0, f"phase3-steps must be an integer >= 0, got {phase3}")
     if values.get("prior") is None:
         # From scratch: every step trains every parameter ("Phase III" style), no linear probing.
+        require(not given.get("phase2_steps") and not share,
+                "without a prior there is no Phase II (linear probing): drop --phase2-steps / --phase2-share "
+                "or give --prior")
         if phase3 is not None:
+            require("steps" not in given or given["steps"] == phase3,
+                    "--steps and --phase3-steps disagree (without a prior every step is a Phase III step)")
             values["steps"] = phase3
         values["phase2_steps"] = 0
     elif phase3 is not None:

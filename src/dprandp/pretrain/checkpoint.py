@@ -90,6 +90,8 @@ def utc_now() -> str:
 
 def _load(path: str | os.PathLike, what: str) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise InputError(f"{what} {str(path)!r} does not exist")
     try:

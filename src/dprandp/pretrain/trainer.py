@@ -132,6 +132,11 @@ def pretrain(
             f"batch size {config.batch_size} is larger than the {len(source)} images available")
     if (out.exists() or state_file.exists()) and not (resume or overwrite):
         raise InputError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite to replace it")
+    for parent in out.parents:  # refuse now what the first save (after an epoch) would fail on
+        if parent.exists():
+            require(parent.is_dir(), f"cannot write {str(out)!r}: {parent} is not a directory")
+            require(os.access(parent, os.W_OK | os.X_OK), f"cannot write {str(out)!r}: directory {parent} is not writable")
+            break
 
     model = ContrastiveModel(config).to(device)
     cuda = device.type == "cuda"

@@ -98,17 +98,22 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
     from 128 bits of OS entropy and never recorded (a recorded seed would reveal the number of runs).
     """
     from dprandp.data import load_dataset
-    from dprandp.pipeline.rundir import atomic_write_json
+    from dprandp.models import create_model
+    from dprandp.pipeline.rundir import atomic_write_json, check_run_dir
     from dprandp.pipeline.trainer import Plan, sample_rate_for, train
 
     log = log or (lambda msg: None)
     out = Path(out)
     require(not out.exists(), f"output directory {out} already exists; choose another --out (nothing was written)")
+    check_run_dir(out)  # its parent must be a directory
     require(not base.deterministic_noise, "tuning needs fresh noise in every run; drop --deterministic-noise")
     require(int(os.environ.get("WORLD_SIZE", "1")) == 1,
             "dprandp tune runs in one process (each torchrun rank would draw its own runs); start it without torchrun")
     require(base.noise_multiplier is None, "tuning calibrates the noise itself; drop --noise-multiplier")
     candidates = tuning.candidates(base)
+    model = create_model(base.model, num_classes=2, seed=0)
+    for config in candidates:  # refuse now a setting every run of it would fail on (after spending budget)
+        model.frozen_prefixes(config.freeze_stages)
     if data is None:
         data = load_dataset(base.dataset, base.data, val_fraction=base.val_fraction, val_seed=base.seed)
     require(data.x_val is not None and len(data.x_val) > 0,
