@@ -214,3 +214,32 @@ def test_one_epoch_of_one_step_equals_a_hand_computed_sgd_step(tmp_path):
             torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-6)
         else:  # buffers: unchanged by SGD
             torch.testing.assert_close(w, model.state_dict()[f"trunk.{name}"])
+
+
+@pytest.mark.parametrize("load, threads, want_threads, want_note", [
+    (5.0, None, 1, True),  # busy machine, no --threads: one thread, said once on stderr
+    (0.1, None, None, False),  # idle: torch's own choice is left alone
+    (5.0, 2, 2, False),  # an explicit --threads always wins
+])
+def test_cli_threads_default_to_one_on_a_busy_machine(tmp_path, monkeypatch, capsys, load, threads, want_threads,
+                                                       want_note):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    store = tmp_path / "s.npy"
+    np.save(store, _images(32))
+    args = ["pretrain", "--no-progress", "--images", str(store), "--model", "wrn-10-1", "--hidden", "32",
+            "--batch-size", "16", "--epochs", "1", "--preset", "cpu", "--out", str(tmp_path / "p.pt")]
+    try:
+        torch.set_num_threads(3)
+        try:
+            main(args + (["--threads", str(threads)] if threads else []))
+        except SystemExit as exc:
+            assert not exc.code, capsys.readouterr().err
+        seen = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == (want_threads or 3)
+    assert ("the machine is busy" in capsys.readouterr().err) == want_note

@@ -33,7 +33,7 @@ from dprandp.errors import InputError
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Phase I arithmetic: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's choice, or 1 when the machine's load already exceeds its cores).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
 def command(images, process, num, size, preset_name, model, epochs, batch_size, lr_per_256, hidden, loss, seed, out, resume,
             overwrite, device, precision, threads, no_progress):
@@ -57,8 +57,9 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
 
     if restart_count() > 0:  # torchrun --max-restarts reran this command after a failure: continue
         resume, overwrite = True, False
-    if threads:
-        torch.set_num_threads(threads)
+    from dprandp.cli.train_options import set_threads
+
+    busy_note = set_threads(threads)
     if device is not None and device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -73,6 +74,8 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
         source = process_source(process, num, size=size or config.image_size, seed=config.seed,
                                 progress=sys.stderr.isatty() and not no_progress)
 
+    if busy_note:
+        click.echo(busy_note, err=True)
     result = pretrain(config, source, out=out, resume=resume, overwrite=overwrite, device=device,
                       precision=precision, progress=progress, log=lambda msg: click.echo(msg, err=True))
     from dprandp.distributed import init_distributed
