@@ -192,6 +192,9 @@ def test_paper_preset_is_spec():
     assert PAPER_PHASE2_SHARE * 875 == pytest.approx(96)
     # share flag and explicit phase steps
     assert preset("paper", prior="p", steps=1000).phase2_steps == round(1000 * 96 / 875)
+    # a new step count alone keeps each preset's own share, not the paper's
+    assert preset("cpu", prior="p", steps=600).phase2_steps == 120
+    assert preset("demo", prior="p", steps=120).phase2_steps == 60
     assert preset("paper", prior="p", phase2_share=0.5).phase2_steps == 438
     assert preset("paper", prior="p", phase3_steps=0).steps == 96
     assert preset("paper", prior=None).phase2_steps == 0

@@ -21,7 +21,7 @@ from dprandp.errors import InputError
               help="paper: SPEC.md exactly (WRN-16-4, 200 epochs); cpu: WRN-16-1 sized for a 2-core machine.")
 @click.option("--model", default=None, help="Encoder from the model registry (default: preset).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: preset; lr milestones scale with it).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Batch size (lr = 0.12 * B / 256).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Batch size (default: preset; lr = --lr-per-256 * B / 256).")
 @click.option("--lr-per-256", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Learning rate per 256 images (lr = this * B / 256; default: preset, paper 0.12).")
 @click.option("--hidden", type=click.IntRange(min=1), default=None, help="Projection head width (default: preset).")
@@ -74,10 +74,15 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
         source = process_source(process, num, size=size or config.image_size, seed=config.seed,
                                 progress=sys.stderr.isatty() and not no_progress)
 
-    if busy_note:
-        click.echo(busy_note, err=True)
+    pending = [busy_note] if busy_note else []
+
+    def log(msg: str) -> None:  # the thread note waits for pretrain()'s checks: an error stays one line
+        while pending:
+            click.echo(pending.pop(), err=True)
+        click.echo(msg, err=True)
+
     result = pretrain(config, source, out=out, resume=resume, overwrite=overwrite, device=device,
-                      precision=precision, progress=progress, log=lambda msg: click.echo(msg, err=True))
+                      precision=precision, progress=progress, log=log)
     from dprandp.distributed import init_distributed
 
     if not init_distributed().is_main:  # under torchrun only rank 0 reports

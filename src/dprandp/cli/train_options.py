@@ -54,7 +54,7 @@ TRAIN_FLAGS = [
     ("--batch-size", "batch_size", dict(type=int, callback=_int_at_least("--batch-size", 1), help="expected logical batch B (q = B / N)")),
     ("--augmult", "augmult", dict(type=int, callback=_int_at_least("--augmult", 1), help="augmented views per sample K")),
     ("--steps", "steps", dict(type=int, callback=_int_at_least("--steps", 1), help="DP steps in total (Phase II + III)")),
-    ("--phase2-share", "phase2_share", dict(type=float, help="fraction of steps in Phase II (default 96/875)")),
+    ("--phase2-share", "phase2_share", dict(type=float, help="fraction of steps in Phase II (default: the preset's share: paper 96/875, cpu 0.2)")),
     ("--phase2-steps", "phase2_steps", dict(type=int, callback=_int_at_least("--phase2-steps", 0), help="steps of Phase II (linear probing)")),
     ("--phase3-steps", "phase3_steps", dict(type=int, callback=_int_at_least("--phase3-steps", 0), help="steps of Phase III (0: linear probing only)")),
     ("--lr-phase2", "lr_phase2", dict(type=float, callback=_positive("--lr-phase2"), help="SGD learning rate of Phase II")),

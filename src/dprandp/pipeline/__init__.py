@@ -7,7 +7,7 @@ The Python API mirrors the CLI::
     result.test_accuracy, result.epsilon
 
 ``resume(run_dir)`` continues a killed run; ``evaluate(model_path, data)`` scores a saved model;
-``run_demo`` / ``run_all`` add Phase I (see :mod:`dprandp.pipeline.run`).
+``demo_config`` / ``run_all`` add Phase I (see :mod:`dprandp.pipeline.run`).
 """
 
 from dprandp.pipeline.config import PRESETS, TrainConfig, preset

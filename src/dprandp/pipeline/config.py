@@ -188,7 +188,8 @@ def preset(name: str, **overrides) -> TrainConfig:
     """A preset with ``overrides`` (``None`` values are ignored, so CLI flags pass straight in).
 
     ``phase2_share`` (fraction of ``steps`` spent in Phase II) is accepted as an override and
-    turned into ``phase2_steps``; without a prior, Phase II is dropped (all steps train every
+    turned into ``phase2_steps``; a new ``steps`` alone keeps the preset's share (paper 96/875,
+    cpu 60/300); without a prior, Phase II is dropped (all steps train every
     parameter, as DP-SGD from scratch does).
     """
     if name not in PRESETS:
@@ -203,8 +204,9 @@ def preset(name: str, **overrides) -> TrainConfig:
     if share is not None:
         require(0 <= share <= 1, f"phase2-share must be in [0, 1], got {share}")
         values["phase2_steps"] = int(round(share * steps))
-    elif "steps" in given and "phase2_steps" not in given:
-        values["phase2_steps"] = int(round(PAPER_PHASE2_SHARE * steps))
+    elif "steps" in given and "phase2_steps" not in given:  # a new step count keeps the preset's split
+        base = PRESETS[name]
+        values["phase2_steps"] = int(round(base["phase2_steps"] / base["steps"] * steps))
     if phase3 is not None:
         require(isinstance(phase3, int) and phase3 >= 0, f"phase3-steps must be an integer >= 0, got {phase3}")
     if values.get("prior") is None:

@@ -3,7 +3,7 @@
 ``paper`` is SPEC.md exactly (WRN-16-4, 4096-wide head, batch 256, SGD lr 0.12 per 256, momentum
 0.9, weight decay 1e-4, 200 epochs with lr x 0.1 at epochs 155/170/185, 105k StyleGAN-Oriented
 images at 64 px). ``cpu`` keeps the method and shrinks the sizes so that a 2-core machine finishes
-in about 33 minutes (two threads, idle machine; 81 at one thread beside another job) while the
+in about 53 minutes with its 24k images (two threads, idle machine, rendering included) while the
 prior still clearly beats a random encoder (see BENCHMARKS.md,
 section ``prior_quality``).
 
