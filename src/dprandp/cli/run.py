@@ -43,7 +43,7 @@ def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_image
             overwrite: bool, threads, no_progress: bool, as_json: bool, **flags) -> None:
     """Phases I + II + III end to end; prints test accuracy with (epsilon, delta)."""
     from dprandp.pipeline.config import preset as make_preset
-    from dprandp.pipeline.run import RunConfig, pretrain_config_for, run_all
+    from dprandp.pipeline.run import PHASE_I_PRIOR, RunConfig, pretrain_config_for, run_all
 
     log = make_log(set_threads(threads))
     overrides = overrides_from(flags)
@@ -57,7 +57,7 @@ def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_image
                            f"{'it' if len(given) == 1 else 'them'} or drop --prior")
         prior_path = None if prior.lower() == "none" else prior
     else:
-        prior_path = "<phase I>"
+        prior_path = PHASE_I_PRIOR
         model = overrides.get("model") or make_preset(preset, prior="x").model
         pretrain_config = pretrain_config_for(preset, model=model, pretrain_preset=pretrain_preset,
                                               epochs=pretrain_epochs, num_images=pretrain_images,

@@ -24,6 +24,11 @@ DEMO_PRETRAIN = dict(model="wrn-10-1", hidden=256, head_groups=8, batch_size=128
                      num_images=1536, image_size=32, process="stylegan-oriented", seed=0)
 
 
+#: ``TrainConfig.prior`` of a run whose prior Phase I makes (``run_all`` fills in the path). Not
+#: ``None``: a config built with ``prior=None`` is DP-SGD from scratch, without Phase II.
+PHASE_I_PRIOR = "<phase I>"
+
+
 def pretrain_config_for(train_preset: str, *, model: str, pretrain_preset: str | None = None,
                         epochs: int | None = None, num_images: int | None = None,
                         seed: int | None = None):
@@ -55,7 +60,7 @@ def demo_config(**train_overrides) -> RunConfig:
     from dprandp.pipeline.config import preset
     from dprandp.pretrain import PretrainConfig
 
-    return RunConfig(train=preset("demo", prior="<phase I>", **train_overrides),
+    return RunConfig(train=preset("demo", prior=PHASE_I_PRIOR, **train_overrides),
                      pretrain=PretrainConfig(**DEMO_PRETRAIN))
 
 
@@ -86,7 +91,10 @@ def run_all(config: RunConfig, *, out, overwrite: bool = False, progress: bool |
             log=None) -> TrainResult:
     """Phase I (or the given / cached prior), then Phases II + III into run directory ``out``."""
     tc = config.train
-    if tc.prior is None or tc.prior == "<phase I>":
+    require(not (tc.prior is None and config.pretrain is not None),
+            "the train config has prior=None (DP-SGD from scratch, so no Phase II steps) but a Phase I config is "
+            "given; build it with preset(..., prior=PHASE_I_PRIOR) to train on the Phase I prior")
+    if tc.prior is None or tc.prior == PHASE_I_PRIOR:
         require(config.pretrain is not None or tc.prior is None, "no prior and no Phase I configuration")
         if config.pretrain is not None:
             require(config.pretrain.model == tc.model,
