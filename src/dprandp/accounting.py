@@ -132,6 +132,14 @@ class Calibration:
     epsilon: float
 
 
+def check_target_epsilon(target_epsilon) -> None:
+    """A target epsilon that a noise multiplier can be calibrated for: finite, > 0, <= MAX_TARGET_EPSILON."""
+    require(isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon),
+            f"target epsilon must be a finite number > 0, got {target_epsilon}")
+    require(target_epsilon <= MAX_TARGET_EPSILON,
+            f"target epsilon must be <= {MAX_TARGET_EPSILON:g} (beyond that DP promises nothing), got {target_epsilon:g}")
+
+
 def calibrate_noise(
     *,
     target_epsilon: float,
@@ -148,12 +156,7 @@ def calibrate_noise(
     With PLD the search brackets the answer on a coarse (still pessimistic) grid, then refines
     on the reporting grid; this is what makes it fast.
     """
-    require(
-        isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon),
-        f"target epsilon must be a finite number > 0, got {target_epsilon}",
-    )
-    require(target_epsilon <= MAX_TARGET_EPSILON,
-            f"target epsilon must be <= {MAX_TARGET_EPSILON:g} (beyond that DP promises nothing), got {target_epsilon:g}")
+    check_target_epsilon(target_epsilon)
     _check_delta(target_delta)
     _check_accountant(accountant)
     phases = list(phases)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import dp_accounting
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dprandp.accounting import MAX_TARGET_EPSILON, DPPhase, _bracket, _illinois, composed_event
+from dprandp.accounting import DPPhase, _bracket, _illinois, check_target_epsilon, composed_event
 from dprandp.errors import require
 from dprandp.tuning.repetitions import Repetitions
 
@@ -66,10 +66,7 @@ def calibrate_tuning_noise(*, target_epsilon: float, target_delta: float, phases
                            score_noise: float, repetitions: Repetitions, rtol: float = 1e-3) -> tuple[float, float]:
     """The smallest noise multiplier (one for all ``phases``, within ``rtol``) whose tuning epsilon
     is <= ``target_epsilon``; returns (noise multiplier, its tuning epsilon). Never overshoots."""
-    require(isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0,
-            f"target epsilon must be a finite number > 0, got {target_epsilon}")
-    require(target_epsilon <= MAX_TARGET_EPSILON,
-            f"target epsilon must be <= {MAX_TARGET_EPSILON:g} (beyond that DP promises nothing), got {target_epsilon:g}")
+    check_target_epsilon(target_epsilon)
     phases = list(phases)
     require(any(p.steps and p.sample_rate for p in phases), "at least one DP step is needed to calibrate noise")
 
