@@ -46,10 +46,12 @@ RECIPE_KEYS = ("model", "process", "num_images", "image_size", "epochs", "batch_
 #: only at epsilon = 1 (lr 2); above it the earlier choice (lr 4, at T = 100) ran.
 LINEAR_PROBE = {"lr_phase2": 0.5, "momentum": 0.9}
 SCRATCH_LR = {1.0: 2.0, 2.0: 4.0, 4.0: 4.0, 8.0: 4.0}
-#: The preset's Phase I recipe until session 14 (15k rendered images, otherwise today's recipe). The
-#: baselines below (K = 1, the ceiling) were measured on such priors, so their rows
-#: name it instead of following the preset; the preset's own 15k-image runs get a row of their own.
+#: The preset's earlier Phase I recipes (the keys that differ from today's), oldest first: the preset's
+#: own runs on such priors get rows of their own, and the baselines measured on them name them.
 PHASE1_UNTIL_SESSION_14 = {"num_images": 15_000}
+EARLIER_PRESETS = ((PHASE1_UNTIL_SESSION_14, "the preset until session 14"),)
+#: The Phase I recipe each baseline was measured on (its row names it when it is not the preset's).
+BASELINE_PHASE1 = {"k1": PHASE1_UNTIL_SESSION_14, "lp": {"num_images": 24_000}, "nonprivate": PHASE1_UNTIL_SESSION_14}
 PAPER = {"randp": "72.3 %", "lp": "61.3 %", "scratch": "56.8 % (De et al.)"}  # SPEC.md, eps = 1, WRN-16-4
 
 
@@ -130,26 +132,33 @@ def preset_recipes() -> tuple[dict, dict]:
     return preset_at(1.0), {k: phase1[k] for k in RECIPE_KEYS}
 
 
-def rows(dp: dict) -> list[Row]:
+def rows(dp: dict, phase1: dict) -> list[Row]:
     k = dp["augmult"]
     lp = {**LINEAR_PROBE, "phase2_steps": dp["steps"]}
-    old = PHASE1_UNTIL_SESSION_14
-    small = f"{old['num_images'] // 1000}k Phase I images"
+
+    def images(recipe: dict, sep: str = ", ") -> str:
+        """The row's Phase I image count, named only where it is not the preset's."""
+        n = recipe.get("num_images", phase1["num_images"])
+        return "" if n == phase1["num_images"] else f"{sep}{n // 1000}k Phase I images"
+
     out = [Row(f"**DP-RandP (Phases I + II + III), the `cpu` preset (K = {k})**", "randp"),
            Row("the same, with flip test-time augmentation", "randp", metric="test_accuracy_flip")]
-    out += [Row(f"DP-RandP with {small} (the preset until session 14)", "randp", recipe=old),
-            Row("the same, with flip test-time augmentation", "randp", metric="test_accuracy_flip", recipe=old)]
+    for recipe, when in reversed(EARLIER_PRESETS):
+        out += [Row(f"DP-RandP with {images(recipe, '')} ({when})", "randp", recipe=recipe),
+                Row("the same, with flip test-time augmentation", "randp", metric="test_accuracy_flip", recipe=recipe)]
+    k1 = BASELINE_PHASE1["k1"]
     if k != 1:
-        out += [Row(f"DP-RandP with K = 1, {small}", "randp", {"augmult": 1}, recipe=old),
+        out += [Row(f"DP-RandP with K = 1{images(k1)}", "randp", {"augmult": 1}, recipe=k1),
                 Row("the same, with flip test-time augmentation", "randp", {"augmult": 1}, "test_accuracy_flip",
-                    recipe=old)]
-    out += [Row("DP-RandP without Phase III (linear probe; K does not enter, Phase II trains on cached features)",
-                "lp", lp, ignore=("augmult", "lr_phase3")),
+                    recipe=k1)]
+    out += [Row("DP-RandP without Phase III (linear probe; K does not enter, Phase II trains on cached features"
+                f"{images(BASELINE_PHASE1['lp'], '; ')})", "lp", lp, ignore=("augmult", "lr_phase3"),
+                recipe=BASELINE_PHASE1["lp"]),
             Row(f"DP-SGD from scratch, K = {k}", "scratch", ignore=("phase2_steps", "lr_phase2", "phase2_features")),
             Row("DP-SGD from scratch, K = 1", "scratch", {"augmult": 1},
                 ignore=("phase2_steps", "lr_phase2", "phase2_features")) if k != 1 else None,
-            Row(f"non-private ceiling (the prior fine-tuned without clipping or noise), {small}", "nonprivate",
-                recipe=old)]
+            Row("non-private ceiling (the prior fine-tuned without clipping or noise)"
+                f"{images(BASELINE_PHASE1['nonprivate'])}", "nonprivate", recipe=BASELINE_PHASE1["nonprivate"])]
     return [r for r in out if r is not None]
 
 
@@ -195,7 +204,7 @@ def render(runs: list[Run]) -> str:
               "sharing 2 cores, or 2 threads alone) · whole pipeline alone on the machine | paper at ε = 1 (WRN-16-4, GPU budget) |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
     papered, commands = set(), []
-    for row in rows(dp):
+    for row in rows(dp, phase1):
         chosen = [r for r in runs if matches(r, row, dp, phase1) and getattr(r, row.metric) is not None]
         if row.arm == "nonprivate":
             cells = [cell(chosen, row.metric)] + [""] * 3

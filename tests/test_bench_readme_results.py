@@ -104,3 +104,14 @@ def test_a_row_command_spells_out_the_settings_where_the_row_leaves_the_preset()
     row = rr.Row("K = 1", "randp", {"augmult": 1})
     assert rr.explicit("dprandp run --preset cpu --epsilon 1", row) == "dprandp run --preset cpu --epsilon 1 --augmult 1"
     assert rr.explicit("dprandp train --augmult 1 --epsilon 1", row) == "dprandp train --augmult 1 --epsilon 1"
+
+
+def test_a_baseline_row_reads_only_priors_of_the_recipe_it_was_measured_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(rr.BASELINE_PHASE1, "lp", rr.PHASE1_UNTIL_SESSION_14)
+    old = {**PRESET_RECIPE, **rr.PHASE1_UNTIL_SESSION_14}
+    probe = {**PRESET_DP, "phase2_steps": 300, "lr_phase2": 0.5, "momentum": 0.9}
+    runs = _write(tmp_path, utility=[{**_run(0.57, sha="o" * 64), "arm": "lp", "config": probe},
+                                     {**_run(0.99), "arm": "lp", "config": probe}],
+                  priors={"a" * 64: {"recipe": PRESET_RECIPE}, "o" * 64: {"recipe": old}})
+    row = next(line for line in rr.render(runs).splitlines() if "linear probe" in line)
+    assert "15k Phase I images" in row and "| 57.0 % (n = 1) |" in row and "99.0" not in row
