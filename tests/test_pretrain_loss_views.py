@@ -6,13 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from torch.nn import functional as F
 
 from dprandp.pretrain.loss import align_uniform_loss, info_nce_loss
 from dprandp.pretrain.views import (
-    MEAN, STD, ViewConfig, adjust_contrast, adjust_hue, adjust_saturation, crop_boxes, resized_crop, two_views,
+    MEAN,
+    STD,
+    ViewConfig,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    crop_boxes,
+    resized_crop,
+    two_views,
 )
-
-
 
 
 def _unit(n, d, seed):
@@ -55,6 +62,9 @@ def test_info_nce_matches_double_loop():
 @pytest.mark.parametrize("shift", [-0.4, -0.1, 0.0, 0.25, 0.4])
 def test_hue_matches_torchvision(shift):
     x = torch.rand(4, 3, 9, 9, generator=torch.Generator().manual_seed(5))
+    x[0, :, 0] = 0.5  # grey pixels, and pixels with two equal largest channels
+    x[1, 1, 0] = x[1, 0, 0]
+    x[2, 2, 0] = x[2, 1, 0]
     ours = adjust_hue(x, torch.full((4,), shift))
     ref = torch.stack([TF.adjust_hue(xi, shift) for xi in x])
     assert torch.allclose(ours, ref, atol=1e-5)
@@ -89,6 +99,33 @@ def test_resized_crop_of_whole_image_is_resize_and_flip():
     # a box on the top-left quadrant at its own resolution is exactly that quadrant
     quad = resized_crop(x, torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 2), torch.tensor([False, False]), 4, supersample=1)
     assert torch.allclose(quad, x[:, :, :4, :4], atol=1e-4)
+
+
+def _grid_sample_crop(x, boxes, flip, size, supersample):
+    """The definition: grid_sample on each box's affine grid, then average pooling."""
+    _, _, height, width = x.shape
+    top, left, h, w = boxes.unbind(1)
+    sx = (w / width) * torch.where(flip, -1.0, 1.0)
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, (2 * left + w) / width - 1], 1),
+                         torch.stack([zero, h / height, (2 * top + h) / height - 1], 1)], 1)
+    grid = F.affine_grid(theta, [len(x), x.shape[1], size * supersample, size * supersample], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.avg_pool2d(out, supersample) if supersample > 1 else out
+
+
+@pytest.mark.parametrize("supersample", [1, 2, 3])
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (40, 24)])
+def test_resized_crop_is_grid_sample_on_the_boxes_affine_grid(supersample, height, width):
+    g = torch.Generator().manual_seed(supersample)
+    x = torch.rand(64, 3, height, width, generator=g, dtype=torch.float64)
+    boxes = crop_boxes(64, height, width, ViewConfig(), g).double()
+    boxes[0] = torch.tensor([0.0, 0.0, height, width])  # the whole image: samples clamped at the border
+    boxes[1] = torch.tensor([height - 3.0, width - 2.5, 3.0, 2.5])  # a tiny box in the corner
+    flip = torch.rand(64, generator=g) < 0.5
+    ours = resized_crop(x, boxes, flip, 12, supersample)
+    assert ours.shape == (64, 3, 12, 12)
+    torch.testing.assert_close(ours, _grid_sample_crop(x, boxes, flip, 12, supersample), rtol=0, atol=1e-10)
 
 
 def test_views_differ_keep_shape_and_range():

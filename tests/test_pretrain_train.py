@@ -44,7 +44,9 @@ def test_a_few_steps_lower_the_loss(tmp_path, precision):
     model = ContrastiveModel(config)
     model.load_state_dict(torch.load(state_path(tmp_path / "p.pt"), weights_only=True)["model"])
     after = np.mean([_fixed_batch_loss(model.eval(), images, seed=s) for s in range(3)])
-    assert after < before - 0.1, (before, after)
+    # the drop is chaotic in float rounding (thread count, view arithmetic): 0.09-0.54 over six seeds
+    # and both precisions; a trainer that does not learn leaves it at exactly 0
+    assert after < before - 0.05, (before, after)
 
 
 def test_save_load_apply_gives_identical_outputs(tmp_path):
