@@ -6,7 +6,7 @@ import pytest
 
 from bench import readme_results as rr
 
-PRESET_RECIPE = {"model": "wrn-16-1", "process": "stylegan-oriented", "num_images": 24000, "image_size": 64,
+PRESET_RECIPE = {"model": "wrn-16-1", "process": "stylegan-oriented", "num_images": 36000, "image_size": 64,
                  "epochs": 48, "batch_size": 128, "lr_per_256": 0.12, "seed": 0}
 PRESET_DP = {"dataset": "cifar10", "model": "wrn-16-1", "head_pool": 4, "batch_size": 1000, "augmult": 2,
              "steps": 300, "phase2_steps": 60, "lr_phase2": 8.0, "lr_phase3": 2.0, "momentum": 0.0,
@@ -25,7 +25,7 @@ def test_the_rule_reads_the_preset_from_the_code():
 
     dp, phase1 = rr.preset_recipes()
     assert dp["augmult"] == PRESETS["cpu"]["augmult"] and dp["steps"] == PRESETS["cpu"]["steps"]
-    assert phase1["epochs"] == 48 and phase1["num_images"] == 24000
+    assert phase1["epochs"] == 48 and phase1["num_images"] == 36000
 
 
 def _write(tmp_path, utility=(), pipeline=(), priors=None):

@@ -168,7 +168,8 @@ PRESETS: dict[str, dict] = {
     # (T = 100 -> 300 gave +6 points at the same epsilon). K = 2 augmented views per sample in Phase III
     # (augmult): 61.8 against 60.9 % on validation with K = 1; it makes Phase III about 2x slower, so
     # the whole run (Phase I included) took about 60 min alone on 2 cores instead of 44 with the 15k-image
-    # Phase I, and takes 69 min with today's 24k images (BENCHMARKS.md, run_cpu_cifar10_laptop_n24k).
+    # Phase I, 69 min with the 24k images of sessions 15-16, and 92 min with today's 36k images
+    # (BENCHMARKS.md, run_cpu_cifar10_laptop_n24k and _n36k).
     # lr_III = 4 from epsilon = 4 up: less noise per step makes a larger step pay off; on validation
     # (K = 2) 66.4 against 64.7 % with lr 2 at epsilon = 4, 67.4 against 65.0 % at epsilon = 8.
     "cpu": dict(dataset="cifar10", model="wrn-16-1", head_pool=4, batch_size=1000, augmult=2, steps=300,

@@ -3,7 +3,7 @@
 ``paper`` is SPEC.md exactly (WRN-16-4, 4096-wide head, batch 256, SGD lr 0.12 per 256, momentum
 0.9, weight decay 1e-4, 200 epochs with lr x 0.1 at epochs 155/170/185, 105k StyleGAN-Oriented
 images at 64 px). ``cpu`` keeps the method and shrinks the sizes so that a 2-core machine finishes
-in about 53 minutes with its 24k images (two threads, idle machine, rendering included) while the
+in 76-92 minutes with its 36k images (two threads, idle machine, rendering included) while the
 prior still clearly beats a random encoder (see BENCHMARKS.md,
 section ``prior_quality``).
 
@@ -103,8 +103,13 @@ PRESETS: dict[str, PretrainConfig] = {
     # >= 0.5 over both); on test +2.1 at epsilon = 1 and +1.8 at epsilon = 4 paired by seed
     # (BENCHMARKS.md, utility_tuning and utility). It spends the hour an idle machine had left
     # inside the 2-hour target (timed end to end in run_cpu_cifar10_laptop_n24k).
+    # 36k images instead of 24k (session 17; same 48 epochs, 1.5x the steps): on validation at
+    # epsilon = 1, 65.0 % against 63.6 % for the 24k-image prior of the same seed (rule fixed
+    # beforehand: >= 0.5 more), and the whole pipeline with a fresh 36k-image prior stayed inside
+    # the 2-hour target with the margin the rule asked for (BENCHMARKS.md, utility_tuning and
+    # run_cpu_cifar10_laptop_n36k).
     "cpu": PretrainConfig(
-        model="wrn-16-1", hidden=512, batch_size=128, lr_per_256=0.12, epochs=48, num_images=24_000, image_size=64,
+        model="wrn-16-1", hidden=512, batch_size=128, lr_per_256=0.12, epochs=48, num_images=36_000, image_size=64,
     ),
 }
 

@@ -100,7 +100,7 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size:
     Bilinear sampling of an axis-aligned box is separable, so each image is resampled by two small
     matrices, ``rows @ x @ cols^T`` (two batched matmuls), instead of ``grid_sample`` at
     ``supersample``-times the output size followed by average pooling: the same numbers, about
-    2x faster on a CPU (``bench/pretrain_views.py``).
+    1.5x faster on a 2-core CPU (``bench/pretrain_views.py``).
     """
     b, c, height, width = x.shape
     top, left, h, w = boxes.to(x.device, torch.promote_types(x.dtype, torch.float32)).unbind(1)
