@@ -40,9 +40,10 @@ from dprandp.pretrain.trainer import train_step
 
 
 def grid_sample_crop(x, boxes, flip, size, supersample=2):
-    """The old crop: the box's affine grid, sampled at ``supersample`` times the size, average-pooled."""
+    """The old crop, and the definition the tests check the new one against: the box's affine grid,
+    sampled at ``supersample`` times the size, average-pooled."""
     b, _, height, width = x.shape
-    top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)
+    top, left, h, w = boxes.to(x.device, x.dtype).unbind(1)
     sx = (w / width) * torch.where(flip.to(x.device), -1.0, 1.0)
     zero = torch.zeros_like(sx)
     theta = torch.stack([torch.stack([sx, zero, (2 * left + w) / width - 1], 1),

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from torch.nn import functional as F
 
+from bench.pretrain_views import grid_sample_crop  # F.affine_grid + F.grid_sample + avg_pool2d
 from dprandp.pretrain.loss import align_uniform_loss, info_nce_loss
 from dprandp.pretrain.views import (
     MEAN,
@@ -101,19 +101,6 @@ def test_resized_crop_of_whole_image_is_resize_and_flip():
     assert torch.allclose(quad, x[:, :, :4, :4], atol=1e-4)
 
 
-def _grid_sample_crop(x, boxes, flip, size, supersample):
-    """The definition: grid_sample on each box's affine grid, then average pooling."""
-    _, _, height, width = x.shape
-    top, left, h, w = boxes.unbind(1)
-    sx = (w / width) * torch.where(flip, -1.0, 1.0)
-    zero = torch.zeros_like(sx)
-    theta = torch.stack([torch.stack([sx, zero, (2 * left + w) / width - 1], 1),
-                         torch.stack([zero, h / height, (2 * top + h) / height - 1], 1)], 1)
-    grid = F.affine_grid(theta, [len(x), x.shape[1], size * supersample, size * supersample], align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return F.avg_pool2d(out, supersample) if supersample > 1 else out
-
-
 @pytest.mark.parametrize("supersample", [1, 2, 3])
 @pytest.mark.parametrize(("height", "width"), [(64, 64), (40, 24)])
 def test_resized_crop_is_grid_sample_on_the_boxes_affine_grid(supersample, height, width):
@@ -125,7 +112,7 @@ def test_resized_crop_is_grid_sample_on_the_boxes_affine_grid(supersample, heigh
     flip = torch.rand(64, generator=g) < 0.5
     ours = resized_crop(x, boxes, flip, 12, supersample)
     assert ours.shape == (64, 3, 12, 12)
-    torch.testing.assert_close(ours, _grid_sample_crop(x, boxes, flip, 12, supersample), rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours, grid_sample_crop(x, boxes, flip, 12, supersample), rtol=0, atol=1e-10)
 
 
 def test_views_differ_keep_shape_and_range():
