@@ -71,6 +71,7 @@ class Run:
     whole_pipeline: bool = False  # Phase I included (bench/pipeline_run.py)
     shared: bool = True  # a second job held the other core
     command: str = ""
+    prior_name: str | None = None  # the prior file's short name (priors.json or the record), if known
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def load_runs(results: Path = RESULTS) -> list[Run]:
                 continue
             r = json.loads(line)
             prior_id = r.get("prior_sha256") or (f"{name}:{number}" if whole else None)
-            recipe = r.get("prior_recipe") or (priors.get(r.get("prior_sha256") or "", {}).get("recipe"))
+            known = priors.get(r.get("prior_sha256") or "", {})
+            recipe = r.get("prior_recipe") or known.get("recipe")
             config = {k: v for k, v in (r.get("config") or {}).items() if v is not None}
             if not whole:
                 config.setdefault("dataset", "cifar10")  # bench/utility.py runs CIFAR-10 only
@@ -110,8 +112,26 @@ def load_runs(results: Path = RESULTS) -> list[Run]:
             runs.append(Run(arm=r["arm"], epsilon=float(r["epsilon_target"]), config=config,
                             prior_recipe=recipe, prior_id=prior_id, test_accuracy=r["test_accuracy"],
                             test_accuracy_flip=r.get("test_accuracy_flip"), wall_s=r["wall_s"],
-                            whole_pipeline=whole, shared=r.get("cores_shared_with_another_run", True), command=r.get("command", "")))
+                            whole_pipeline=whole, shared=r.get("cores_shared_with_another_run", True),
+                            command=r.get("command", ""), prior_name=short_name(known.get("file") or r.get("prior_file"))))
     return runs
+
+
+def short_name(prior_file: str | None) -> str | None:
+    """``prior-cpu-n36k.pt`` -> ``n36k``: the name the README's prose uses."""
+    if not prior_file:
+        return None
+    name = Path(prior_file).name.removesuffix(".pt")
+    return name.removeprefix("prior-cpu-") if name.startswith("prior-cpu-") else name
+
+
+def provenance(run: Run, metric: str) -> str:
+    """One run of a cell: its accuracy and where it came from (its prior, or a whole-pipeline run)."""
+    value = f"{100 * getattr(run, metric):.2f}"
+    where = [f"`{run.prior_name}`"] if run.prior_name else []
+    if run.whole_pipeline:
+        where.append("end to end, fresh prior" if not run.prior_name else "end to end")
+    return f"{value} ({', '.join(where)})" if where else value
 
 
 @functools.cache
@@ -204,7 +224,7 @@ def render(runs: list[Run]) -> str:
     lines = [("| arm | ε = 1 | ε = 2 | ε = 4 | ε = 8 | wall time per run: Phases II + III (1 thread with 2 runs "
               "sharing 2 cores, or 2 threads alone) · whole pipeline alone on the machine | paper at ε = 1 (WRN-16-4, GPU budget) |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    papered, commands = set(), []
+    papered, commands, sources = set(), [], []
     for row in rows(dp, phase1):
         chosen = [r for r in runs if matches(r, row, dp, phase1) and getattr(r, row.metric) is not None]
         if row.arm == "nonprivate":
@@ -220,6 +240,7 @@ def render(runs: list[Run]) -> str:
             papered.add(row.arm)
             if chosen:
                 commands.append(f"- {row.label.strip('*')}: `{explicit(representative(chosen).command, row)}`")
+                sources.append(cell_sources(row, chosen))
         else:
             wall, paper = "+ a second forward pass at test time", ""
         lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {wall} | {paper} |")
@@ -240,7 +261,19 @@ def render(runs: list[Run]) -> str:
     lines += ["", ("One command per row, the whole pipeline where it was run so, else at ε = 1 (`--epsilon` "
               "sets the other columns; the prior files are named in BENCHMARKS.md with their SHA-256):"), "",
               *commands]
+    lines += ["", "<details><summary>The runs in each cell (test accuracy %, and the prior)</summary>", "", *sources,
+              "", "</details>"]
     return "\n".join(lines)
+
+
+def cell_sources(row: Row, chosen: list[Run]) -> str:
+    """The row's runs, cell by cell, in the order they were recorded (the flip rows use the same runs)."""
+    if row.arm == "nonprivate":
+        groups = [("", chosen)]
+    else:
+        groups = [(f"ε = {eps:g}: ", [r for r in chosen if r.epsilon == eps]) for eps in EPSILONS]
+    cells = [label + ", ".join(provenance(r, row.metric) for r in runs) for label, runs in groups if runs]
+    return f"- {row.label.strip('*')}: " + "; ".join(cells)
 
 
 def lr_phase3_text() -> str:

@@ -115,3 +115,18 @@ def test_a_baseline_row_reads_only_priors_of_the_recipe_it_was_measured_on(tmp_p
                   priors={"a" * 64: {"recipe": PRESET_RECIPE}, "o" * 64: {"recipe": old}})
     row = next(line for line in rr.render(runs).splitlines() if "linear probe" in line)
     assert "15k Phase I images" in row and "| 57.0 % (n = 1) |" in row and "99.0" not in row
+
+
+def test_the_list_under_the_table_names_each_cells_runs_and_priors(tmp_path):
+    e2e = {**_run(0.64, sha="e" * 64), "prior_recipe": PRESET_RECIPE, "cores_shared_with_another_run": False}
+    runs = _write(tmp_path, utility=[{**_run(0.6012), "prior_file": "/somewhere/prior-cpu-n36k.pt"},
+                                     _run(0.70, eps=8.0, sha="b" * 64, lr_phase3=4.0),
+                                     _run(0.99, val=0.1)],  # a validation run is in no cell, so not listed
+                  pipeline=[e2e, {**_run(0.62, sha=None), "prior_recipe": PRESET_RECIPE}],
+                  priors={"a" * 64: {"recipe": PRESET_RECIPE},
+                          "b" * 64: {"recipe": PRESET_RECIPE, "file": "my-prior.pt"},
+                          "e" * 64: {"file": "prior-cpu-n36k-s1.pt"}})
+    listed = next(line for line in rr.render(runs).splitlines() if line.startswith("- DP-RandP (Phases I + II + III)")
+                  and "ε = 1:" in line)
+    assert listed.endswith("ε = 1: 60.12 (`n36k`), 64.00 (`n36k-s1`, end to end), 62.00 (end to end, fresh prior); "
+                           "ε = 8: 70.00 (`my-prior`)")
