@@ -56,6 +56,7 @@ def files(tmp_path_factory):
     (d / "badmodel.pt").write_bytes(b"\x80\x02garbage")
     np.save(d / "store.npy", np.zeros((8, 16, 16, 3), np.uint8))
     f["store"] = str(d / "store.npy")
+    (d / "broken.png").write_bytes(b"\x89PNG but not really")
     return f
 
 
@@ -132,9 +133,26 @@ CASES = {
     "tune: output under a file": lambda f: tune_cmd(f, "--grid", "lr-phase3=1", out=str(f["dir"] / "a_file" / "t")),
     "tune: a freeze-stages value the model lacks": lambda f: tune_cmd(f, "--grid", "freeze-stages=0,99"),
     "tune: a head pool finer than the feature grid": lambda f: tune_cmd(f, "--grid", "head-pool=1,1000"),
+    "predict: missing images": lambda f: predict_cmd(f, str(f["dir"] / "nope")),
+    "predict: a folder without images": lambda f: predict_cmd(f, str(f["dir"] / "existing_run")),
+    "predict: a corrupt image": lambda f: predict_cmd(f, str(f["dir"] / "broken.png")),
+    "predict: a text file": lambda f: predict_cmd(f, str(f["dir"] / "existing_run" / "notes.txt")),
+    "predict: a corrupt .npz": lambda f: predict_cmd(f, str(f["junk"])),
+    "predict: an .npz array that is not images": lambda f: predict_cmd(f, f["shape"], "--key", "x_train"),
+    "predict: an .npz key that is missing": lambda f: predict_cmd(f, f["good"], "--key", "pixels"),
+    "predict: --key on a .npy": lambda f: predict_cmd(f, f["store"], "--key", "x"),
+    "predict: a prior is not a model": lambda f: predict_cmd(f, f["store"], model=f["prior"]),
+    "predict: output exists": lambda f: predict_cmd(f, f["store"], "--out", str(f["dir"] / "a_file")),
+    "predict: output under a file": lambda f: predict_cmd(f, f["store"], "--out", str(f["dir"] / "a_file" / "p.csv")),
+    "predict: output is a directory": lambda f: predict_cmd(f, f["store"], "--out", str(f["dir"] / "existing_run"),
+                                                            "--overwrite"),
     "pretrain: output under a file": lambda f: pretrain_cmd(f, "--out", str(f["dir"] / "a_file" / "p.pt")),
     "pretrain: negative seed": lambda f: pretrain_cmd(f, "--seed", "-1"),
 }
+
+
+def predict_cmd(f, images, *extra, model=None):
+    return ["predict", "--model", model or str(f["dir"] / "model3.pt"), "--images", images, *extra]
 
 
 def pretrain_cmd(f, *extra):

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dprandp.cli.generate", "Render random-process images to a .npy store."),
     "tune": ("dprandp.cli.tune", "Private hyperparameter search: the best of a random number of runs, one budget."),
     "evaluate": ("dprandp.cli.evaluate", "Accuracy, balanced accuracy and ROC-AUC of a trained model (RUN_DIR/model.pt)."),
+    "predict": ("dprandp.cli.predict", "Class predictions of a trained model on new images (CSV)."),
     "epsilon": ("dprandp.cli.epsilon", "Privacy spent (epsilon) by one or more DP-SGD phases."),
     "calibrate": ("dprandp.cli.calibrate", "Smallest noise multiplier that reaches a target epsilon."),
     "audit": ("dprandp.cli.audit", "Empirical privacy audit of the DP-SGD engine (lower bound on epsilon)."),

@@ -163,11 +163,24 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _read_folder(root: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def read_image_file(path: Path) -> np.ndarray:
+    """One image file as uint8 (32, 32, 3) RGB, resized with PIL's bilinear filter where needed: the
+    preparation of every image read from a file (training folders and ``dprandp predict`` alike)."""
     from PIL import Image, UnidentifiedImageError
 
     from dprandp.data.base import RESOLUTION
 
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (RESOLUTION, RESOLUTION):
+                im = im.resize((RESOLUTION, RESOLUTION), Image.BILINEAR, reducing_gap=None)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read image {path} ({type(exc).__name__})") from None
+
+
+def _read_folder(root: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for label, name in enumerate(classes):
         folder = root / name
@@ -176,13 +189,9 @@ def _read_folder(root: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB")
-                    if im.size != (RESOLUTION, RESOLUTION):
-                        im = im.resize((RESOLUTION, RESOLUTION), Image.BILINEAR, reducing_gap=None)
-                    images.append(np.asarray(im, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise InputError(f"imagefolder: cannot read image {f} ({type(exc).__name__})") from None
+                images.append(read_image_file(f))
+            except InputError as exc:
+                raise InputError(f"imagefolder: {exc}") from None
             labels.append(label)
     require(len(images) > 0, f"imagefolder: no images under {root}")
     return np.stack(images), np.asarray(labels, dtype=np.int64)

@@ -10,8 +10,8 @@ are the same for any number of workers. Everything a user can get wrong is check
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dprandp.errors import InputError, require
+from dprandp.pipeline.rundir import check_writable
 from dprandp.processes.registry import get_process
 
 CHUNK = 64
@@ -45,16 +46,6 @@ class GenerateRequest:
         return self.num * self.size * self.size * 3
 
 
-def _check_writable(path: Path, what: str, overwrite: bool) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    require(parent.is_dir(), f"{what} {path}: directory {parent} does not exist")
-    require(os.access(parent, os.W_OK | os.X_OK), f"{what} {path}: directory {parent} is not writable")
-    require(not path.is_dir(), f"{what} {path} is a directory")
-    if path.exists():
-        require(overwrite, f"{what} {path} already exists (pass --overwrite to replace it)")
-        require(os.access(path, os.W_OK), f"{what} {path} exists and is not writable")
-
-
 def sidecar_path(out: Path) -> Path:
     """``OUT.npy.json``: what the store holds (process, seed, size, count), read by ``dprandp pretrain``
     so that a prior records where its images came from."""
@@ -69,11 +60,11 @@ def check_request(req: GenerateRequest) -> None:
     require(isinstance(req.seed, int) and req.seed >= 0, f"--seed must be an integer >= 0, got {req.seed}")
     require(isinstance(req.workers, int) and req.workers >= 1, f"--workers must be an integer >= 1, got {req.workers}")
     require(req.out.suffix == ".npy", f"--out must end in .npy, got {req.out}")
-    _check_writable(req.out, "output", req.overwrite)
-    _check_writable(sidecar_path(req.out), "store description", req.overwrite)
+    check_writable(req.out, "output", req.overwrite)
+    check_writable(sidecar_path(req.out), "store description", req.overwrite)
     if req.grid is not None:
         require(req.grid.suffix.lower() == ".png", f"--grid must end in .png, got {req.grid}")
-        _check_writable(req.grid, "grid", req.overwrite)
+        check_writable(req.grid, "grid", req.overwrite)
         require(req.grid.resolve() != req.out.resolve(), "--grid and --out must be different files")
     parent = req.out.parent if str(req.out.parent) else Path(".")
     free = shutil.disk_usage(parent).free
