@@ -32,7 +32,8 @@ def print_result(summary: dict, run_dir, as_json: bool) -> None:
     if summary.get("test_accuracy_flip") is not None:
         click.echo(f"with flip test-time augmentation: test accuracy {100 * summary['test_accuracy_flip']:.2f} % "
                    "(`dprandp evaluate --tta flip`)")
-    click.echo(f"run directory: {run_dir} (report.html, summary.json, ledger.jsonl, model.pt)")
+    click.echo(f"run directory: {run_dir} (report.html, summary.json, ledger.jsonl, model.pt; "
+               f"`dprandp predict --model {run_dir} --images IMAGES` labels new images)")
 
 
 @click.command("train")
