@@ -9,7 +9,7 @@ The public API, imported lazily so that ``import dprandp`` (and the accounting C
 * privacy audit: :class:`AuditConfig`, :func:`run_audit`
 * Phase I: :class:`PretrainConfig`, :func:`pretrain`, :func:`load_prior`, :func:`apply_prior`
 * Phases II + III: :class:`TrainConfig`, :func:`train_preset`, :func:`train`, :func:`resume`,
-  :func:`evaluate`, :func:`load_dataset`
+  :func:`evaluate`, :func:`predict`, :func:`read_images`, :func:`load_dataset`
 * errors: :class:`InputError`
 """
 
@@ -43,6 +43,8 @@ _LAZY = {
     "train": "dprandp.pipeline",
     "resume": "dprandp.pipeline",
     "evaluate": "dprandp.pipeline",
+    "predict": "dprandp.pipeline",
+    "read_images": "dprandp.pipeline",
     "load_dataset": "dprandp.data",
 }
 
