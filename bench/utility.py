@@ -1,7 +1,7 @@
 """The privacy-utility trade-off on CIFAR-10: DP-RandP against DP-SGD from scratch (issue 7).
 
     python bench/utility.py --prior PRIOR.pt --eps 1 --arms scratch lp randp --seeds 0 1
-    python bench/utility.py --table-only        # re-render BENCHMARKS.md from the results file
+    python bench/utility.py --table-only        # re-render the table from the results (the analysis above it is kept)
 
 Arms, all with the same model, expected batch B, views K and number of DP steps T:
 
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._report import write_section  # noqa: E402
+from bench._report import BENCHMARKS, write_section
 
 RESULTS = ROOT / "bench" / "results" / "utility.jsonl"
 DATA = ROOT.parent / "shared" / "data" / "cifar10.npz"
@@ -201,6 +201,22 @@ TITLES = {"utility": "## Privacy-utility trade-off on CIFAR-10 (issue 7)",
           "utility_tuning": "## Tuning on a validation split (issue 7)"}
 
 
+TABLE_HEADER = "| arm | prior (SHA-256) | target ε |"
+
+
+def current_note(section: str, benchmarks: Path = BENCHMARKS) -> str:
+    """The hand-written analysis above the section's generated table in BENCHMARKS.md: what a re-render
+    keeps when no ``--note`` replaces it ("" if the section or its table is not there yet)."""
+    text = benchmarks.read_text() if benchmarks.exists() else ""
+    begin, end = f"<!-- begin: {section} -->", f"<!-- end: {section} -->"
+    block = text.split(begin, 1)[1].split(end, 1)[0] if begin in text else ""
+    if TABLE_HEADER not in block:
+        return ""
+    block = block.split(TABLE_HEADER, 1)[0]
+    title = TITLES.get(section, f"## {section}")
+    return block.strip().removeprefix(title).strip()
+
+
 def render(results: list[dict], note: str, section: str = "utility") -> str:
     def fmt(values):
         values = [100 * v for v in values]
@@ -224,7 +240,7 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
         "",
         note,
         "",
-        "| arm | prior (SHA-256) | target ε | test accuracy % (final EMA model) | validation accuracy % | "
+        TABLE_HEADER + " test accuracy % (final EMA model) | validation accuracy % | "
         "with flip TTA: test / validation % | ε spent | σ | steps | wall time per run | paper (WRN-16-4) | command |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -290,7 +306,7 @@ def main() -> None:
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="carve a validation split from train (for tuning: compare val_accuracy, not test)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--note", default="")
+    p.add_argument("--note", default=None, help="the analysis above the table (default: keep the one in BENCHMARKS.md)")
     p.add_argument("--section", default="utility", help="BENCHMARKS.md section to write (e.g. utility_tuning)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the runs append to")
@@ -323,7 +339,8 @@ def main() -> None:
     if a.no_write:
         return
     shown = [arg for arg in sys.argv[1:] if arg not in (a.note, "--note")]
-    write_section(a.section, render(load_results(), a.note, a.section), command="python bench/utility.py " + " ".join(shown))
+    note = a.note if a.note is not None else current_note(a.section)
+    write_section(a.section, render(load_results(), note, a.section), command="python bench/utility.py " + " ".join(shown))
     if RESULTS.resolve() == (ROOT / "bench" / "results" / "utility.jsonl").resolve():
         from bench.readme_results import README, render_into
 
