@@ -121,8 +121,7 @@ def short_name(prior_file: str | None) -> str | None:
     """``prior-cpu-n36k.pt`` -> ``n36k``: the name the README's prose uses."""
     if not prior_file:
         return None
-    name = Path(prior_file).name.removesuffix(".pt")
-    return name.removeprefix("prior-cpu-") if name.startswith("prior-cpu-") else name
+    return Path(prior_file).name.removesuffix(".pt").removeprefix("prior-cpu-")
 
 
 def provenance(run: Run, metric: str) -> str:
