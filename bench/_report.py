@@ -34,6 +34,17 @@ def stamp(command: str | None = None) -> str:
     return f"Command: `{command}`  \nDate: {today}  \nMachine: {machine()}\n"
 
 
+def kept_note(name: str, title: str, generated_from: str, benchmarks: Path = BENCHMARKS) -> str:
+    """The hand-written analysis between section ``name``'s ``title`` and its generated part (which starts at
+    the text ``generated_from``): what a re-render keeps when no new note replaces it ("" if absent)."""
+    text = benchmarks.read_text() if benchmarks.exists() else ""
+    begin, end = f"<!-- begin: {name} -->", f"<!-- end: {name} -->"
+    block = text.split(begin, 1)[1].split(end, 1)[0] if begin in text else ""
+    if generated_from not in block:
+        return ""
+    return block.split(generated_from, 1)[0].strip().removeprefix(title).strip()
+
+
 def write_section(name: str, markdown: str, command: str | None = None) -> None:
     begin, end = f"<!-- begin: {name} -->", f"<!-- end: {name} -->"
     block = f"{begin}\n{markdown.rstrip()}\n\n{stamp(command)}{end}"

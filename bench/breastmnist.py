@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._report import write_section  # noqa: E402
+from bench._report import kept_note, write_section  # noqa: E402
 from dprandp.pipeline.metrics import METRICS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "breastmnist.jsonl"
@@ -160,6 +160,10 @@ def chosen_by_epsilon(chosen: list[tuple[float, str]]) -> str:
     return "; ".join(f"ε = {', '.join(f'{e:g}' for e in es)}: {hp}" for hp, es in groups.items())
 
 
+TITLE = "## BreastMNIST: DP-RandP on 546 private medical images"
+GENERATED_FROM = "Test split (156 images)"  # the first generated words after the hand-written analysis
+
+
 def render(results: list[dict], note: str = "", data: Path = DATA) -> str:
     finals = [r for r in results if r["stage"] == "final"]
     eps_list = sorted({r["epsilon_target"] for r in finals if r["arm"] != "nonprivate"})
@@ -197,9 +201,9 @@ def render(results: list[dict], note: str = "", data: Path = DATA) -> str:
         tune_lines.append(f"| {r['epsilon_target']:g} | {r['arm']} | {hp} | {'' if auc is None else f'{auc:.3f}'} | "
                           f"{100 * r['val']['accuracy']:.1f} % |")
     parts = [
-        "## BreastMNIST: DP-RandP on 546 private medical images",
+        TITLE,
         note.strip(),
-        "Test split (156 images) of the official MedMNIST v2 file, δ = 1e-5, the final EMA model; mean ± std "
+        GENERATED_FROM + " of the official MedMNIST v2 file, δ = 1e-5, the final EMA model; mean ± std "
         "over seeds. AUC is MedMNIST's (the softmax probability of class 1); balanced accuracy is the mean "
         f"recall of the two classes. Predicting the majority class scores {100 * majority_rate(data):.1f} % accuracy, "
         "50 % balanced accuracy and AUC 0.5. Published non-private reference (MedMNIST v2, ResNet-18 at "
@@ -241,7 +245,8 @@ def main() -> None:
     p.add_argument("--lr-scratch", type=float, nargs="+", default=[0.5, 2.0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--note", default="")
+    p.add_argument("--note", default=None,
+                   help="the analysis above the tables (default: keep the one in BENCHMARKS.md)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     a = p.parse_args()
@@ -272,7 +277,8 @@ def main() -> None:
     if a.no_write:
         return
     shown = [arg for arg in sys.argv[1:] if arg not in (a.note, "--note")]
-    write_section("breastmnist", render(load_results(a.results), a.note, a.data), command="python bench/breastmnist.py " + " ".join(shown))
+    note = a.note if a.note is not None else kept_note("breastmnist", TITLE, GENERATED_FROM)
+    write_section("breastmnist", render(load_results(a.results), note, a.data), command="python bench/breastmnist.py " + " ".join(shown))
 
 
 if __name__ == "__main__":

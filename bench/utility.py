@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._report import BENCHMARKS, write_section
+from bench._report import kept_note, write_section
 
 RESULTS = ROOT / "bench" / "results" / "utility.jsonl"
 DATA = ROOT.parent / "shared" / "data" / "cifar10.npz"
@@ -204,19 +204,6 @@ TITLES = {"utility": "## Privacy-utility trade-off on CIFAR-10 (issue 7)",
 TABLE_HEADER = "| arm | prior (SHA-256) | target ε |"
 
 
-def current_note(section: str, benchmarks: Path = BENCHMARKS) -> str:
-    """The hand-written analysis above the section's generated table in BENCHMARKS.md: what a re-render
-    keeps when no ``--note`` replaces it ("" if the section or its table is not there yet)."""
-    text = benchmarks.read_text() if benchmarks.exists() else ""
-    begin, end = f"<!-- begin: {section} -->", f"<!-- end: {section} -->"
-    block = text.split(begin, 1)[1].split(end, 1)[0] if begin in text else ""
-    if TABLE_HEADER not in block:
-        return ""
-    block = block.split(TABLE_HEADER, 1)[0]
-    title = TITLES.get(section, f"## {section}")
-    return block.strip().removeprefix(title).strip()
-
-
 def render(results: list[dict], note: str, section: str = "utility") -> str:
     def fmt(values):
         values = [100 * v for v in values]
@@ -339,7 +326,8 @@ def main() -> None:
     if a.no_write:
         return
     shown = [arg for arg in sys.argv[1:] if arg not in (a.note, "--note")]
-    note = a.note if a.note is not None else current_note(a.section)
+    title = TITLES.get(a.section, f"## {a.section}")
+    note = a.note if a.note is not None else kept_note(a.section, title, TABLE_HEADER)
     write_section(a.section, render(load_results(), note, a.section), command="python bench/utility.py " + " ".join(shown))
     if RESULTS.resolve() == (ROOT / "bench" / "results" / "utility.jsonl").resolve():
         from bench.readme_results import README, render_into

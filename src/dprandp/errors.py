@@ -7,6 +7,9 @@ library users catch it like any ``ValueError``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class InputError(ValueError):
     """Invalid input from the user: the message names the problem in one line."""
@@ -16,3 +19,14 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`InputError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise InputError(message)
+
+
+def check_writable(path: Path, what: str, overwrite: bool) -> None:
+    """Refuse, with one line, to write ``path`` where it would fail or replace a file without ``overwrite``."""
+    parent = path.parent if str(path.parent) else Path(".")
+    require(parent.is_dir(), f"{what} {path}: directory {parent} does not exist")
+    require(os.access(parent, os.W_OK | os.X_OK), f"{what} {path}: directory {parent} is not writable")
+    require(not path.is_dir(), f"{what} {path} is a directory")
+    if path.exists():
+        require(overwrite, f"{what} {path} already exists (pass --overwrite to replace it)")
+        require(os.access(path, os.W_OK), f"{what} {path} exists and is not writable")

@@ -28,8 +28,9 @@ def command(model_path: str, images: str, key: str | None, out: Path | None, ove
 
     Predicting is post-processing of the DP model: it costs the private training data no privacy
     beyond the run's (ε, δ). The images you predict on are not protected by anything here."""
+    from dprandp.errors import check_writable
     from dprandp.pipeline.predict import predict, read_images
-    from dprandp.pipeline.rundir import atomic_write_bytes, check_writable
+    from dprandp.pipeline.rundir import atomic_write_bytes
 
     path = Path(model_path)
     if path.is_dir():

@@ -84,17 +84,19 @@ def predict(model_path: str | Path, images: np.ndarray, *, names: tuple[str, ...
             flip_tta: bool = False, batch_size: int = 1024) -> Predictions:
     """Softmax probabilities of the saved model (``RUN_DIR/model.pt``) on uint8 NHWC ``images``;
     ``flip_tta`` averages the logits of each image and its mirror image, as ``evaluate`` does."""
+    from dprandp.data.base import RESOLUTION
     from dprandp.pipeline.finish import load_model
     from dprandp.pipeline.trainer import image_logits
 
     model, meta = load_model(model_path)
     x = np.asarray(images)
-    require(x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (32, 32, 3),
-            f"images must be uint8 (N, 32, 32, 3) (dprandp.data.base.to_uint8_nhwc makes them), got {x.dtype} {x.shape}")
+    require(x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (RESOLUTION, RESOLUTION, 3),
+            f"images must be uint8 (N, {RESOLUTION}, {RESOLUTION}, 3) (dprandp.data.base.to_uint8_nhwc makes them), "
+            f"got {x.dtype} {x.shape}")
     names = tuple(str(i) for i in range(len(x))) if names is None else tuple(names)
     require(len(names) == len(x), f"{len(names)} names for {len(x)} images")
     plain, flip = image_logits(model, x, batch_size, with_flip=flip_tta)
     logits = torch.from_numpy(flip if flip_tta else plain).double()
     probabilities = torch.softmax(logits, dim=1).float().numpy()
-    classes = meta.get("class_names") or [str(c) for c in range(int(meta["num_classes"]))]
-    return Predictions(names=names, probabilities=probabilities, class_names=tuple(classes), flip_tta=flip_tta)
+    return Predictions(names=names, probabilities=probabilities, class_names=tuple(meta["class_names"]),
+                       flip_tta=flip_tta)

@@ -66,17 +66,6 @@ def prepare_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Path
     return p
 
 
-def check_writable(path: Path, what: str, overwrite: bool) -> None:
-    """Refuse, with one line, to write ``path`` where it would fail or replace a file without ``overwrite``."""
-    parent = path.parent if str(path.parent) else Path(".")
-    require(parent.is_dir(), f"{what} {path}: directory {parent} does not exist")
-    require(os.access(parent, os.W_OK | os.X_OK), f"{what} {path}: directory {parent} is not writable")
-    require(not path.is_dir(), f"{what} {path} is a directory")
-    if path.exists():
-        require(overwrite, f"{what} {path} already exists (pass --overwrite to replace it)")
-        require(os.access(path, os.W_OK), f"{what} {path} exists and is not writable")
-
-
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dprandp.errors import InputError, require
-from dprandp.pipeline.rundir import check_writable
+from dprandp.errors import InputError, check_writable, require
 from dprandp.processes.registry import get_process
 
 CHUNK = 64
