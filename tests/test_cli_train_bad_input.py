@@ -112,6 +112,10 @@ CASES = {
                                                    "--data", f["good"]],
     "evaluate: class count mismatch": lambda f: ["evaluate", "--model", str(f["dir"] / "model3.pt"),
                                                  "--dataset", "npz", "--data", f["good"]],
+    "evaluate: an unknown device": lambda f: ["evaluate", "--model", str(f["dir"] / "model3.pt"), "--dataset", "npz",
+                                              "--data", f["good"], "--device", "gpu"],
+    "evaluate: a CUDA index the machine lacks": lambda f: ["evaluate", "--model", str(f["dir"] / "model3.pt"),
+                                                           "--dataset", "npz", "--data", f["good"], "--device", "cuda:64"],
     "run: epsilon zero": lambda f: ["run", "--epsilon", "0", "--out", str(f["dir"] / "newrun")],
     "run: delta >= 1/N (digits)": lambda f: ["run", "--prior", "none", "--delta", "0.01",
                                              "--out", str(f["dir"] / "newrun")],
@@ -146,6 +150,7 @@ CASES = {
     "predict: output under a file": lambda f: predict_cmd(f, f["store"], "--out", str(f["dir"] / "a_file" / "p.csv")),
     "predict: output is a directory": lambda f: predict_cmd(f, f["store"], "--out", str(f["dir"] / "existing_run"),
                                                             "--overwrite"),
+    "predict: an unknown device": lambda f: predict_cmd(f, f["store"], "--device", "tpu"),
     "pretrain: output under a file": lambda f: pretrain_cmd(f, "--out", str(f["dir"] / "a_file" / "p.pt")),
     "pretrain: negative seed": lambda f: pretrain_cmd(f, "--seed", "-1"),
 }

@@ -159,6 +159,16 @@ def test_train_cli_on_cuda(tmp_path):
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(), timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "run" / "summary.json").exists()
+    # the trained model predicts and scores on the GPU as on the CPU (inference may use TF32)
+    from dprandp.data import load_dataset
+    from dprandp.pipeline import evaluate, predict
+
+    ds = load_dataset("npz", data)
+    on_gpu = predict(tmp_path / "run" / "model.pt", ds.x_test, flip_tta=True, device="cuda")
+    on_cpu = predict(tmp_path / "run" / "model.pt", ds.x_test, flip_tta=True, device="cpu")
+    np.testing.assert_allclose(on_gpu.probabilities, on_cpu.probabilities, atol=2e-3)
+    scores = {d: evaluate(tmp_path / "run" / "model.pt", ds, device=d)["accuracy"] for d in ("cuda", "cpu")}
+    assert abs(scores["cuda"] - scores["cpu"]) <= 2 / len(ds.x_test), scores
 
 
 def test_train_under_torchrun_uses_nccl(tmp_path):

@@ -128,3 +128,17 @@ def test_the_command_prints_csv_or_json_without_out(tmp_path, saved, capsys):
     obj = json.loads(capsys.readouterr().out)
     assert obj["num_images"] == 3 and sum(obj["counts"].values()) == 3 and len(obj["predictions"]) == 3
     assert obj["predictions"][0]["prediction"] in obj["class_names"]
+
+
+def test_device_is_chosen_and_checked_before_the_model_is_read(saved, tmp_path):
+    from dprandp.errors import InputError
+    from dprandp.pipeline.finish import load_model
+
+    d, data, _ = saved
+    model, _ = load_model(d / "model.pt", device="cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    pred = predict(d / "model.pt", data.x_test, device="auto")  # auto: CUDA when there, same numbers either way
+    np.testing.assert_allclose(pred.probabilities, predict(d / "model.pt", data.x_test, device="cpu").probabilities,
+                               atol=2e-3)
+    with pytest.raises(InputError, match="--device must be"):
+        load_model(tmp_path / "not-there.pt", device="gpu")  # the device is refused first, not the missing file

@@ -17,18 +17,21 @@ from dprandp.data import DATASETS
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
               help="test-time augmentation: flip averages the logits of each image and its mirror image")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda or cuda:N")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(model_path: str, dataset: str, data: str | None, split: str, tta: str, as_json: bool) -> None:
+def command(model_path: str, dataset: str, data: str | None, split: str, tta: str, device: str, as_json: bool) -> None:
     """Top-1 accuracy, balanced accuracy and ROC-AUC of a saved model (no privacy cost on public test data; on private data,
     releasing the number itself is not covered by the training guarantee)."""
     from dprandp.data import load_dataset
     from dprandp.pipeline import evaluate
+    from dprandp.pipeline.trainer import resolve_device
 
     path = Path(model_path)
     if path.is_dir():
         path = path / "model.pt"
+    resolve_device(device)  # a bad --device is refused before the dataset is read
     ds = load_dataset(dataset, data)
-    out = evaluate(path, ds, split=split, flip_tta=tta == "flip")
+    out = evaluate(path, ds, split=split, flip_tta=tta == "flip", device=device)
     if as_json:
         emit_json(out)
     else:

@@ -21,8 +21,9 @@ from dprandp.cli.options import emit_json
 @click.option("--overwrite", is_flag=True, help="replace an existing --out")
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
               help="test-time augmentation: flip averages the logits of each image and its mirror image")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda or cuda:N")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object (with --out: a summary; else every row)")
-def command(model_path: str, images: str, key: str | None, out: Path | None, overwrite: bool, tta: str,
+def command(model_path: str, images: str, key: str | None, out: Path | None, overwrite: bool, tta: str, device: str,
             as_json: bool) -> None:
     """One CSV row per image: the predicted class, its probability and every class's probability.
 
@@ -31,14 +32,16 @@ def command(model_path: str, images: str, key: str | None, out: Path | None, ove
     from dprandp.errors import check_writable
     from dprandp.pipeline.predict import predict, read_images
     from dprandp.pipeline.rundir import atomic_write_bytes
+    from dprandp.pipeline.trainer import resolve_device
 
     path = Path(model_path)
     if path.is_dir():
         path = path / "model.pt"
     if out is not None:
         check_writable(out, "output", overwrite)  # before any work, so a refusal costs nothing
+    resolve_device(device)
     names, x = read_images(images, key=key)
-    pred = predict(path, x, names=names, flip_tta=tta == "flip")
+    pred = predict(path, x, names=names, flip_tta=tta == "flip", device=device)
     counts = Counter(pred.class_names[i] for i in pred.labels)
     summary = {"num_images": len(names), "model": str(path), "images": images, "flip_tta": pred.flip_tta,
                "counts": {c: counts.get(c, 0) for c in pred.class_names}}

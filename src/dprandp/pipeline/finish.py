@@ -41,9 +41,13 @@ def save_model(path: Path, model, *, model_name: str, data: ImageData, extra: di
     })
 
 
-def load_model(path: str | Path):
-    """(model in eval mode, metadata) from a ``model.pt`` written by :func:`save_model`."""
+def load_model(path: str | Path, *, device: str = "auto"):
+    """(model in eval mode on ``device``, metadata) from a ``model.pt`` written by :func:`save_model`;
+    ``device`` is ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
     from dprandp.models import create_model
+    from dprandp.pipeline.trainer import resolve_device
+
+    target = resolve_device(device)  # before reading the file: a bad device costs nothing
 
     p = Path(path)
     require(p.is_file(), f"model file not found: {p}")
@@ -60,19 +64,19 @@ def load_model(path: str | Path):
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as exc:
         raise InputError(f"model file {p} does not match architecture {obj['model']}: {str(exc).splitlines()[0]}") from None
-    model.eval()
+    model.to(target).eval()
     meta = {k: v for k, v in obj.items() if k != "state_dict"}
     return model, meta
 
 
 def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", batch_size: int = 1024,
-             flip_tta: bool = False) -> dict:
+             flip_tta: bool = False, device: str = "auto") -> dict:
     """Accuracy, balanced accuracy and ROC-AUC (dprandp.pipeline.metrics) of a saved model on
     ``data``'s ``split`` (``test``, ``val`` or ``train``); ``flip_tta`` averages the logits of each
-    image and its mirror image."""
+    image and its mirror image; ``device`` as for :func:`load_model`."""
     from dprandp.pipeline.trainer import image_logits
 
-    model, meta = load_model(model_path)
+    model, meta = load_model(model_path, device=device)
     require(meta["num_classes"] == data.num_classes,
             f"the model has {meta['num_classes']} classes but dataset {data.name} has {data.num_classes}")
     require(split in ("test", "val", "train"), f"unknown split {split!r}")

@@ -81,14 +81,15 @@ def read_images(path: str | Path, *, key: str | None = None) -> tuple[tuple[str,
 
 
 def predict(model_path: str | Path, images: np.ndarray, *, names: tuple[str, ...] | None = None,
-            flip_tta: bool = False, batch_size: int = 1024) -> Predictions:
+            flip_tta: bool = False, batch_size: int = 1024, device: str = "auto") -> Predictions:
     """Softmax probabilities of the saved model (``RUN_DIR/model.pt``) on uint8 NHWC ``images``;
-    ``flip_tta`` averages the logits of each image and its mirror image, as ``evaluate`` does."""
+    ``flip_tta`` averages the logits of each image and its mirror image, as ``evaluate`` does.
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
     from dprandp.data.base import RESOLUTION
     from dprandp.pipeline.finish import load_model
     from dprandp.pipeline.trainer import image_logits
 
-    model, meta = load_model(model_path)
+    model, meta = load_model(model_path, device=device)
     x = np.asarray(images)
     require(x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (RESOLUTION, RESOLUTION, 3),
             f"images must be uint8 (N, {RESOLUTION}, {RESOLUTION}, 3) (dprandp.data.base.to_uint8_nhwc makes them), "

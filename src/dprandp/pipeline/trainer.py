@@ -110,6 +110,8 @@ def resolve_device(name: str, *, world_size: int = 1, local_rank: int = 0) -> to
     process, NCCL collectives) or on the CPU (gloo); a fixed ``cuda:N`` is refused there because
     every rank would pick the same GPU.
     """
+    require(name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()),
+            f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -120,6 +122,8 @@ def resolve_device(name: str, *, world_size: int = 1, local_rank: int = 0) -> to
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         if name == "cuda":
             return torch.device("cuda", torch.cuda.current_device())
+        require(int(name[5:]) < torch.cuda.device_count(),
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
