@@ -133,13 +133,16 @@ def test_pretrain_on_cuda_bf16_lowers_loss_and_loads_on_cpu(tmp_path):
     from dprandp.pretrain.checkpoint import load_prior
     from dprandp.pretrain.data import ArrayStore
 
-    imgs = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
-    imgs[::2] //= 4  # some structure to learn
-    cfg = PretrainConfig(model="wrn-10-1", hidden=64, out_dim=16, head_groups=8, batch_size=64, epochs=4,
-                         lr_per_256=0.5)
+    # 16 distinct images of coarse colour blocks, 16 copies of each: something a few epochs can learn.
+    # (Noise images at lr 0.5, the earlier version, did not lower the loss in 4 epochs on the H200,
+    # nor on the CPU for 3 of 4 seeds; this set lowers it by >= 0.3 for each of 4 seeds in bf16 on the CPU.)
+    base = np.random.default_rng(0).integers(0, 256, (16, 4, 4, 3))
+    imgs = np.repeat(np.kron(base, np.ones((1, 8, 8, 1))).astype(np.uint8), 16, axis=0)
+    cfg = PretrainConfig(model="wrn-10-1", hidden=64, out_dim=16, head_groups=8, batch_size=64, epochs=6,
+                         lr_per_256=0.12)
     res = pretrain(cfg, ArrayStore(imgs), out=tmp_path / "p.pt", device="cuda", progress=False)
-    assert res.epochs_done == 4 and all(np.isfinite(res.epoch_losses))
-    assert res.epoch_losses[-1] < res.epoch_losses[0]
+    assert res.epochs_done == 6 and all(np.isfinite(res.epoch_losses))
+    assert res.epoch_losses[-1] < res.epoch_losses[0] - 0.1, res.epoch_losses
     trunk, _meta = load_prior(tmp_path / "p.pt")
     assert all(t.device.type == "cpu" for t in trunk.values())
 

@@ -93,3 +93,22 @@ def test_bf16_is_refused_where_it_cannot_be_exact_or_is_unknown():
         DPSGD(model, opt, config=cfg, noise_generator=torch.Generator(), method="vmap", precision="bf16")
     with pytest.raises(InputError, match="precision must be fp32 or bf16"):
         preset("cpu", prior=None, precision="fp16")
+
+
+@pytest.mark.parametrize("views", [0, 2])
+def test_grouped_conv_gradient_passes_the_weight_in_the_inputs_dtype(monkeypatch, views):
+    """cuDNN refuses a float32 weight beside bf16 inputs (found on an H200; the CPU kernel let it
+    pass): the grouped per-sample weight gradient must hand every tensor over in one dtype."""
+    real = torch.ops.aten.convolution_backward
+    seen = []
+
+    def like_cudnn(grad_out, inputs, weight, *rest):
+        assert grad_out.dtype == inputs.dtype == weight.dtype, (grad_out.dtype, inputs.dtype, weight.dtype)
+        seen.append(inputs.dtype)
+        return real(grad_out, inputs, weight, *rest)
+
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", like_cudnn)
+    route(monkeypatch, "grouped")
+    model, x, y = next(models_and_batches(views))
+    clipped_grad_sum(model, x, y, max_grad_norm=1.0, precision="bf16")
+    assert torch.bfloat16 in seen

@@ -159,8 +159,10 @@ def _conv_weight_grouped(module, a: torch.Tensor, g: torch.Tensor, b: int, paddi
     # (B*K, C, ...) -> (K, B*C, ...): samples become channel groups, views the summed batch.
     ai = a.reshape(b, k, *a.shape[1:]).transpose(0, 1).reshape(k, b * a.shape[1], *a.shape[2:])
     gi = g.reshape(b, k, *g.shape[1:]).transpose(0, 1).reshape(k, b * g.shape[1], *g.shape[2:])
-    # Only the weight's shape matters for a weight gradient: no need to copy B replicas of it.
-    shape_only = w.new_empty((b * w.shape[0], *w.shape[1:]))
+    # Only the weight's shape matters for a weight gradient: no need to copy B replicas of it. Its
+    # dtype must be the inputs' (bf16 under autocast): cuDNN refuses a float32 weight beside bf16
+    # inputs, where the CPU kernel let it pass.
+    shape_only = a.new_empty((b * w.shape[0], *w.shape[1:]))
     _, gw, _ = torch.ops.aten.convolution_backward(
         gi, ai, shape_only, None, list(module.stride), padding, list(module.dilation), False,
         [0] * (a.dim() - 2), b * module.groups, [False, True, False],
