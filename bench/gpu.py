@@ -310,12 +310,13 @@ def section_priors(res, args, device, renderer, out_dir):
 
 
 # ------------------------------------------------------------------ report
-def write_section(result: dict, command: str, section: str = "gpu") -> None:
+def write_section(result: dict, command: str, section: str = "gpu",
+                  title: str = "GPU checks on one lent GPU (bench/gpu.py)") -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from _report import write_section as write
 
     env = result.get("env", {})
-    lines = [f"One lent **{env.get('gpu', '?')}** (torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}); "
+    lines = [f"## {title}", "", f"One lent **{env.get('gpu', '?')}** (torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}); "
              f"the script ran for {result.get('seconds', 0):.0f} s of device time.", ""]
     tests = result.get("tests", {})
     if tests:
@@ -394,9 +395,10 @@ def main() -> None:
     ap.add_argument("--write", type=Path, default=None, help="write BENCHMARKS.md's gpu section from this gpu.json")
     ap.add_argument("--command", default="python bench/gpu.py --out $OUT --deadline-s 560")
     ap.add_argument("--section", default="gpu", help="BENCHMARKS.md section that --write fills")
+    ap.add_argument("--title", default="GPU checks on one lent GPU (bench/gpu.py)", help="its heading")
     args = ap.parse_args()
     if args.write:
-        write_section(json.loads(args.write.read_text()), args.command, args.section)
+        write_section(json.loads(args.write.read_text()), args.command, args.section, args.title)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
