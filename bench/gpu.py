@@ -272,6 +272,21 @@ def extrapolate(rows) -> dict:
     return out
 
 
+PAPER_PHASE1_IMAGES = 105_000 * 200  # SPEC.md: 105k StyleGAN-Oriented images, 200 epochs
+
+
+def pipeline_hours(result: dict) -> list[dict]:
+    """The whole paper pipeline (Phase I + Phases II and III) in GPU-hours, for every Phase I batch
+    size timed on the paper model and every (K, precision) whose DP steps were extrapolated."""
+    phase1 = {r["batch"]: PAPER_PHASE1_IMAGES / r["images_per_s"] / 3600
+              for r in result.get("pretrain_throughput", {}).get("rows", []) if r.get("model") == "wrn-16-4"}
+    dp = result.get("dp_steps", {})
+    dp_hours = [(int(k), "fp32", h) for k, h in dp.get("gpu_hours_by_augmult", {}).items()]
+    dp_hours += [(int(k), "bf16", h) for k, h in dp.get("gpu_hours_by_augmult_bf16", {}).items()]
+    return [{"phase1_batch": b, "K": k, "precision": prec, "phase1_hours": h1, "dp_hours": h23, "hours": h1 + h23}
+            for b, h1 in sorted(phase1.items()) for k, prec, h23 in sorted(dp_hours, key=lambda t: (-t[0], t[1]))]
+
+
 def section_priors(res, args, device, renderer, out_dir):
     from dprandp.pretrain import ArrayStore, PretrainConfig, pretrain
 
@@ -367,6 +382,16 @@ def write_section(result: dict, command: str, section: str = "gpu",
                 lines += ["", (f"The same 96 + 779 steps with K = {k} and `--precision bf16` (forward and backward "
                                f"in bf16; clipping, sums and noise in float32; accuracy not measured here): "
                                f"**{h:.2f} GPU-hours**.")]
+        lines.append("")
+    whole = pipeline_hours(result)
+    if whole:
+        lines += ["The whole paper pipeline extrapolated (Phase I: 105k images x 200 epochs at the batch shown, "
+                  "bf16; Phases II + III: 96 + 779 steps at B = 4096 with K views; only the batch 256 / K = 16 / "
+                  "fp32 row is the paper's recipe, and no other row's accuracy is measured):", "",
+                  "| Phase I batch | K | DP precision | Phase I h | II + III h | total GPU-hours |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {w['phase1_batch']} | {w['K']} | {w['precision']} | {w['phase1_hours']:.2f} | "
+                  f"{w['dp_hours']:.2f} | **{w['hours']:.2f}** |" for w in whole]
         lines.append("")
     pr = result.get("priors", {})
     if pr.get("rows"):

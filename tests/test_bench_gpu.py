@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.gpu import extrapolate
+from bench.gpu import extrapolate, pipeline_hours
 
 
 def _row(phase, k, s):
@@ -35,3 +35,18 @@ def test_bf16_rows_are_extrapolated_apart_from_the_papers_float32():
     assert out["gpu_hours_by_augmult_bf16"] == {"16": pytest.approx((96 * 1.0 + 779 * 3.0) / 3600)}
     assert extrapolate([dict(_row("II", 16, 1.0), precision="bf16"), dict(_row("III", 16, 3.0), precision="bf16")]
                        ).keys() == {"gpu_hours_by_augmult_bf16"}
+
+
+def test_the_whole_pipeline_adds_phase_one_at_each_batch_to_each_dp_estimate():
+    result = {"pretrain_throughput": {"rows": [
+                  {"model": "wrn-16-4", "batch": 256, "images_per_s": 6000.0},
+                  {"model": "wrn-16-4", "batch": 1024, "images_per_s": 10000.0},
+                  {"model": "wrn-16-1", "batch": 512, "images_per_s": 9000.0}]},  # not the paper model
+              "dp_steps": {"gpu_hours_by_augmult": {"16": 1.5, "4": 0.5}, "gpu_hours_by_augmult_bf16": {"16": 0.8}}}
+    rows = pipeline_hours(result)
+    assert len(rows) == 2 * 3
+    paper = next(r for r in rows if r["phase1_batch"] == 256 and r["K"] == 16 and r["precision"] == "fp32")
+    assert paper["hours"] == pytest.approx(105_000 * 200 / 6000 / 3600 + 1.5)
+    fast = next(r for r in rows if r["phase1_batch"] == 1024 and r["K"] == 4)
+    assert fast["hours"] == pytest.approx(105_000 * 200 / 10000 / 3600 + 0.5)
+    assert pipeline_hours({}) == []
