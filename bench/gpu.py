@@ -15,7 +15,8 @@ measured):
    time-boxed Phase I runs of the cpu model (WRN-16-1) and the paper model (WRN-16-4); the priors
    are written to ``OUT`` for the CPU experiments (``bench/prior_quality.py``, ``bench/utility.py``).
 
-Usage (the lent GPU): ``python bench/gpu.py --out $OUT --deadline-s 520``. ``--smoke`` shrinks every
+Usage (the lent GPU): ``python bench/gpu.py --out $OUT --deadline-s 555``; ``--sections tests dp_steps``
+re-checks a fix in a short lease (the bf16 Phase III of 2026-11-30 is the next such check). ``--smoke`` shrinks every
 size so the whole script can be checked on a CPU in a minute. ``--write`` turns ``OUT/gpu.json``
 into the ``gpu`` section of BENCHMARKS.md (run on this machine after the files come back).
 """
@@ -272,6 +273,28 @@ def extrapolate(rows) -> dict:
     return out
 
 
+def find_cifar10(roots=("/data", "/datasets", "/mnt", "/opt", "/root", "/home"), depth: int = 4,
+                 budget: int = 50_000) -> list[str]:
+    """Paths named cifar-10* or cifar10* up to ``depth`` folders below ``roots`` (at most ``budget``
+    entries looked at): is a CIFAR-10 copy already on the GPU machine? The working tree that
+    travels there is capped at 64 MiB, too small for its 184 MB."""
+    found, seen = [], 0
+    for root in roots:
+        base = Path(root)
+        if not base.is_dir():
+            continue
+        for folder, dirs, files in os.walk(base):
+            rel = Path(folder).relative_to(base)
+            seen += len(dirs) + len(files)
+            found += [str(Path(folder) / n) for n in dirs + files if n.lower().startswith(("cifar-10", "cifar10"))]
+            if len(rel.parts) >= depth:
+                dirs.clear()
+            if seen > budget or len(found) >= 5:
+                return found[:5]
+    return found[:5]
+
+
+SECTIONS = ("tests", "pretrain_throughput", "dp_steps", "priors")
 PAPER_PHASE1_IMAGES = 105_000 * 200  # SPEC.md: 105k StyleGAN-Oriented images, 200 epochs
 
 
@@ -421,6 +444,8 @@ def main() -> None:
     ap.add_argument("--command", default="python bench/gpu.py --out $OUT --deadline-s 560")
     ap.add_argument("--section", default="gpu", help="BENCHMARKS.md section that --write fills")
     ap.add_argument("--title", default="GPU checks on one lent GPU (bench/gpu.py)", help="its heading")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                    help="run only these (e.g. tests dp_steps, to re-check a fix in a short lease)")
     args = ap.parse_args()
     if args.write:
         write_section(json.loads(args.write.read_text()), args.command, args.section, args.title)
@@ -429,14 +454,17 @@ def main() -> None:
     if args.smoke:
         args.render = min(args.render, 400)
     workers = args.workers or max(1, (os.cpu_count() or 2) - 2)
-    renderer = Renderer(args.render, args.image_size, workers)  # before CUDA starts (spawned workers)
+    renderer = None
+    if "priors" in args.sections:  # before CUDA starts (spawned workers)
+        renderer = Renderer(args.render, args.image_size, workers)
 
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     res = {"env": {"torch": torch.__version__, "cuda": torch.version.cuda,
                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-                   "cpus": os.cpu_count(), "device": str(device)}}
+                   "cpus": os.cpu_count(), "device": str(device),
+                   "cifar10_found": find_cifar10()}}
     tmp = args.out / "tmp"
     tmp.mkdir(exist_ok=True)
 
@@ -448,6 +476,8 @@ def main() -> None:
                      ("pretrain_throughput", lambda: section_pretrain_throughput(res, args, device, tmp)),
                      ("dp_steps", lambda: section_dp_steps(res, args, device)),
                      ("priors", lambda: section_priors(res, args, device, renderer, args.out))):
+        if name not in args.sections:
+            continue
         log(f"== {name}")
         try:
             res[name] = fn()

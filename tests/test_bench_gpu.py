@@ -50,3 +50,15 @@ def test_the_whole_pipeline_adds_phase_one_at_each_batch_to_each_dp_estimate():
     fast = next(r for r in rows if r["phase1_batch"] == 1024 and r["K"] == 4)
     assert fast["hours"] == pytest.approx(105_000 * 200 / 10000 / 3600 + 0.5)
     assert pipeline_hours({}) == []
+
+
+def test_cifar10_copies_are_found_within_the_depth_asked(tmp_path):
+    from bench.gpu import find_cifar10
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "cifar-10-batches-py").mkdir()
+    (tmp_path / "a" / "b" / "c" / "d" / "e").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "d" / "e" / "cifar10.npz").write_bytes(b"")
+    assert find_cifar10((str(tmp_path),), depth=3) == [str(tmp_path / "a" / "b" / "cifar-10-batches-py")]
+    assert len(find_cifar10((str(tmp_path),), depth=6)) == 2
+    assert find_cifar10((str(tmp_path / "missing"),)) == []
