@@ -3,7 +3,10 @@
     python bench/utility.py --prior PRIOR.pt --eps 1 --arms scratch lp randp --seeds 0 1
     python bench/utility.py --table-only        # re-render the table from the results (the analysis above it is kept)
 
-Arms, all with the same model, expected batch B, views K and number of DP steps T:
+Arms, all with the same model, expected batch B and number of DP steps T; each takes its own
+validated recipe (``arm_defaults``: the ``cpu`` preset at each epsilon for DP-RandP; lr 0.5 with
+momentum 0.9 and K = 1 for the probe; the validated lr and K = 1 for scratch) for every option
+left unset, and a given option (one value or a grid) replaces it:
 
 * ``scratch``  DP-SGD from a random initialisation (``--prior none``), T full-model steps;
 * ``lp``       DP-RandP without Phase III: T linear-probing steps on the frozen prior;
@@ -249,8 +252,38 @@ def render(results: list[dict], note: str, section: str = "utility") -> str:
     return "\n".join(lines)
 
 
-def arm_grid(arm: str, a) -> list[argparse.Namespace]:
-    """One namespace per grid point, over only the options this arm reads (no duplicate runs)."""
+#: Options that, left unset, take each arm's validated recipe (:func:`arm_defaults`).
+RECIPE_OPTIONS = ("head_pool", "batch_size", "augmult", "steps", "phase2_share", "lr_phase2", "lr_phase3",
+                  "momentum", "phase2_features", "lr_scratch")
+SCALAR_OPTIONS = ("augmult", "phase2_features")  # one value per invocation; the others are grids
+
+
+def arm_defaults(arm: str, eps: float) -> dict:
+    """Each arm's validated recipe (BENCHMARKS.md, utility_tuning), which an option left unset takes:
+    DP-RandP is the `cpu` preset at this epsilon (lr_III by epsilon included); the linear probe trains
+    every step in Phase II with momentum on one view per sample; scratch runs its validated lr on one
+    view per sample (the README's rows); the ceiling sees as many samples as T steps of B."""
+    from bench.readme_results import LINEAR_PROBE, SCRATCH_LR
+    from dprandp.pipeline import preset
+
+    cfg = preset("cpu", prior="prior.pt", target_epsilon=eps)
+    out = dict(head_pool=cfg.head_pool, batch_size=cfg.batch_size, augmult=cfg.augmult, steps=cfg.steps,
+               phase2_share=cfg.phase2_steps / cfg.steps, lr_phase2=cfg.lr_phase2, lr_phase3=cfg.lr_phase3,
+               momentum=cfg.momentum, phase2_features=cfg.phase2_features,
+               lr_scratch=SCRATCH_LR.get(eps, SCRATCH_LR[max(SCRATCH_LR)]))
+    if arm == "lp":
+        out.update(LINEAR_PROBE, augmult=1)
+    elif arm in ("scratch", "nonprivate"):
+        out["augmult"] = 1
+    return out
+
+
+def arm_grid(arm: str, a, eps: float = 1.0) -> list[argparse.Namespace]:
+    """One namespace per grid point, over only the options this arm reads (no duplicate runs); an
+    option left unset (None) takes the arm's validated recipe at ``eps``."""
+    recipe = arm_defaults(arm, eps)
+    fill = {k: recipe[k] if k in SCALAR_OPTIONS else [recipe[k]] for k in RECIPE_OPTIONS if getattr(a, k, None) is None}
+    a = argparse.Namespace(**{**vars(a), **fill})
     axes = {"batch_size": a.batch_size, "steps": a.steps, "momentum": a.momentum, "head_pool": a.head_pool}
     if arm == "scratch":
         axes["lr_scratch"] = a.lr_scratch
@@ -275,19 +308,20 @@ def main() -> None:
                    choices=["scratch", "lp", "randp", "nonprivate"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--model", default="wrn-16-1")
-    p.add_argument("--head-pool", type=int, nargs="+", default=[1], help="grid of the head's average pool (1 = global)")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[1000])
-    p.add_argument("--augmult", type=int, default=1)
-    p.add_argument("--steps", type=int, nargs="+", default=[100])
-    p.add_argument("--phase2-share", type=float, nargs="+", default=[0.2])
-    p.add_argument("--lr-phase2", type=float, nargs="+", default=[8.0])
-    p.add_argument("--lr-phase3", type=float, nargs="+", default=[1.0])
+    # Unset recipe options (default None) take each arm's validated recipe at each epsilon (arm_defaults).
+    p.add_argument("--head-pool", type=int, nargs="+", default=None, help="grid of the head's average pool (1 = global)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None)
+    p.add_argument("--augmult", type=int, default=None)
+    p.add_argument("--steps", type=int, nargs="+", default=None)
+    p.add_argument("--phase2-share", type=float, nargs="+", default=None)
+    p.add_argument("--lr-phase2", type=float, nargs="+", default=None)
+    p.add_argument("--lr-phase3", type=float, nargs="+", default=None)
     p.add_argument("--freeze-stages", type=int, nargs="+", default=[0],
                    help="randp: trunk stages kept frozen in Phase III (0 = fine-tune all)")
-    p.add_argument("--lr-scratch", type=float, nargs="+", default=[2.0])
+    p.add_argument("--lr-scratch", type=float, nargs="+", default=None)
     p.add_argument("--physical-batch-size", type=int, default=250)
-    p.add_argument("--phase2-features", choices=["augmented", "cached"], default="augmented")
-    p.add_argument("--momentum", type=float, nargs="+", default=[0.0])
+    p.add_argument("--phase2-features", choices=["augmented", "cached"], default=None)
+    p.add_argument("--momentum", type=float, nargs="+", default=None)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="forward/backward arithmetic of the DP steps (clipping stays float32)")
     p.add_argument("--val-fraction", type=float, default=0.0,
@@ -314,7 +348,7 @@ def main() -> None:
         memoize_pooled_features()
         for eps in a.eps:
             for arm in a.arms:
-                for one in arm_grid(arm, a):
+                for one in arm_grid(arm, a, eps):
                     for seed in a.seeds:
                         if arm == "nonprivate":
                             r = run_nonprivate(seed, one, data)

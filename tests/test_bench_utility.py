@@ -32,3 +32,35 @@ def test_no_note_where_the_section_or_its_table_is_missing(tmp_path):
     bench.write_text(f"<!-- begin: utility -->\nno table\n<!-- end: utility -->\n<!-- begin: x -->\n{u.TABLE_HEADER}\n"
                      "<!-- end: x -->\n")
     assert current_note("utility", bench) == ""  # another section's table is not this one's
+
+
+def _namespace(**given):
+    import argparse
+
+    base = {k: None for k in u.RECIPE_OPTIONS}
+    base.update(freeze_stages=[0], prior="p.pt", model="wrn-16-1", val_fraction=0.0, precision="fp32")
+    return argparse.Namespace(**{**base, **given})
+
+
+def test_unset_options_take_each_arms_validated_recipe_at_each_epsilon():
+    from bench.readme_results import LINEAR_PROBE, SCRATCH_LR
+    from dprandp.pipeline import preset
+
+    for eps in (1.0, 4.0):
+        cfg = preset("cpu", prior="p.pt", target_epsilon=eps)
+        (randp,) = u.arm_grid("randp", _namespace(), eps)
+        assert (randp.lr_phase2, randp.lr_phase3, randp.steps, randp.augmult, randp.head_pool, randp.momentum) == (
+            cfg.lr_phase2, cfg.lr_phase3, cfg.steps, cfg.augmult, cfg.head_pool, cfg.momentum)
+        assert round(randp.phase2_share * randp.steps) == cfg.phase2_steps
+        assert randp.phase2_features == cfg.phase2_features
+        (lp,) = u.arm_grid("lp", _namespace(), eps)
+        assert (lp.lr_phase2, lp.momentum, lp.augmult) == (LINEAR_PROBE["lr_phase2"], LINEAR_PROBE["momentum"], 1)
+        (scratch,) = u.arm_grid("scratch", _namespace(), eps)
+        assert (scratch.lr_scratch, scratch.augmult) == (SCRATCH_LR[eps], 1)
+    assert preset("cpu", prior="p.pt", target_epsilon=4.0).lr_phase3 != preset("cpu", prior="p.pt").lr_phase3
+
+
+def test_given_options_override_the_recipe_and_span_the_grid():
+    grid = u.arm_grid("randp", _namespace(lr_phase3=[1.0, 3.0], steps=[50], augmult=1), 1.0)
+    assert [(g.lr_phase3, g.steps, g.augmult) for g in grid] == [(1.0, 50, 1), (3.0, 50, 1)]
+    assert "--lr-phase3 3 " in u.command_for("randp", 1.0, 0, grid[1]) + " "
