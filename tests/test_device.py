@@ -30,6 +30,9 @@ def test_cuda_refused_without_cuda():
         resolve_device("cuda")
 
 
-def test_bad_device_name_refused():
+@pytest.mark.parametrize("name", ["tpu", "cuda:x", "cuda:", "gpu:0"])
+def test_bad_device_name_refused(name):
     with pytest.raises(InputError, match="device"):
-        preset("demo", device="tpu")
+        preset("demo", device=name)
+    with pytest.raises(InputError, match="--device must be"):
+        resolve_device(name)

@@ -129,8 +129,7 @@ class TrainConfig:
         require(self.precision in PRECISIONS, f"precision must be {' or '.join(PRECISIONS)}, got {self.precision!r}")
         require(self.phase2_features in ("augmented", "cached"),
                 f"phase2-features must be augmented or cached, got {self.phase2_features!r}")
-        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        require(is_device_name(self.device), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @property
     def phase3_steps(self) -> int:
@@ -152,6 +151,11 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return replace(self, **changes)
+
+
+def is_device_name(name: str) -> bool:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N a GPU index): what ``--device`` accepts."""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
 
 
 PRESETS: dict[str, dict] = {

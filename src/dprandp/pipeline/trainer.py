@@ -44,7 +44,7 @@ from dprandp.distributed import (
 from dprandp.errors import InputError, require
 from dprandp.models import create_model
 from dprandp.pipeline import state as st
-from dprandp.pipeline.config import TrainConfig
+from dprandp.pipeline.config import TrainConfig, is_device_name
 from dprandp.pipeline.finish import prior_provenance, prior_sha256
 from dprandp.pipeline.ledger import PrivacyLedger, spent_budget
 from dprandp.pipeline.probe import ProbeModel, pooled_features
@@ -110,8 +110,7 @@ def resolve_device(name: str, *, world_size: int = 1, local_rank: int = 0) -> to
     process, NCCL collectives) or on the CPU (gloo); a fixed ``cuda:N`` is refused there because
     every rank would pick the same GPU.
     """
-    require(name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()),
-            f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    require(is_device_name(name), f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
