@@ -356,6 +356,9 @@ def write_section(result: dict, command: str, section: str = "gpu",
     env = result.get("env", {})
     lines = [f"## {title}", "", f"One lent **{env.get('gpu', '?')}** (torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}); "
              f"the script ran for {result.get('seconds', 0):.0f} s of device time.", ""]
+    if "cifar10_found" in env:
+        lines += [f"CIFAR-10 already on the GPU machine: {', '.join(env['cifar10_found']) or 'none found'} "
+                  "(the working tree that travels there is capped at 64 MiB, below its 184 MB).", ""]
     tests = result.get("tests", {})
     if tests:
         lines += [f"- `pytest tests/test_cuda.py tests/test_device.py` on the GPU: **{tests.get('summary', '?')}** "
