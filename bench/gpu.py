@@ -5,20 +5,21 @@ measured):
 
 1. ``tests``: ``pytest tests/test_cuda.py`` (CUDA against CPU references, NCCL under torchrun);
 2. ``pretrain_throughput``: Phase I images/s of the real ``pretrain()`` loop (two views on the GPU,
-   bf16 autocast, channels_last) for the paper model (WRN-16-4, 4096-wide head) and the cpu model,
-   and the paper run's time extrapolated (105k images x 200 epochs);
+   bf16 autocast, channels_last) for the paper model (WRN-16-4, 4096-wide head) at batch 256, 512
+   and 1024, and the paper run's time extrapolated (105k images x 200 epochs);
 3. ``dp_steps``: paper-preset DP-SGD steps (WRN-16-4, Poisson B = 4096 of N = 50,000, K = 16 and 4, C = 1,
    sigma = 9.3) of Phase II (trunk frozen) and Phase III (all parameters), in float32 and with
    ``--precision bf16``, against a non-private step on the same views at the same precision, and the
    96 + 779 step run extrapolated per K and precision;
 4. ``priors``: StyleGAN-Oriented images rendered by CPU worker processes while 1-3 run, then
-   time-boxed Phase I runs of the cpu model (WRN-16-1) and the paper model (WRN-16-4); the priors
-   are written to ``OUT`` for the CPU experiments (``bench/prior_quality.py``, ``bench/utility.py``).
+   a time-boxed Phase I run of the paper model (WRN-16-4); the prior is written to ``OUT`` for the
+   CPU experiments (``bench/prior_quality.py``, ``bench/utility.py``).
 
 Usage (the lent GPU): ``python bench/gpu.py --out $OUT --deadline-s 555``; ``--sections tests dp_steps``
 re-checks a fix in a short lease (the bf16 Phase III of 2026-11-30 is the next such check). ``--smoke`` shrinks every
 size so the whole script can be checked on a CPU in a minute. ``--write`` turns ``OUT/gpu.json``
-into the ``gpu`` section of BENCHMARKS.md (run on this machine after the files come back).
+into a BENCHMARKS.md section (``--section``, ``--title``; run on this machine after the files come
+back), with the whole pipeline's GPU-hours per Phase I batch, K and precision.
 """
 
 from __future__ import annotations
@@ -444,7 +445,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script on a CPU)")
     ap.add_argument("--write", type=Path, default=None, help="write BENCHMARKS.md's gpu section from this gpu.json")
-    ap.add_argument("--command", default="python bench/gpu.py --out $OUT --deadline-s 560")
+    ap.add_argument("--command", default="python bench/gpu.py --out $OUT --deadline-s 555")
     ap.add_argument("--section", default="gpu", help="BENCHMARKS.md section that --write fills")
     ap.add_argument("--title", default="GPU checks on one lent GPU (bench/gpu.py)", help="its heading")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
