@@ -341,7 +341,10 @@ class Shared(nn.Module):
 
 @pytest.mark.parametrize("path", ["grouped", "unfold", "ghost"])
 @pytest.mark.parametrize("views", [0, 2])
-def test_all_conv_paths_match_loop(monkeypatch, path, views):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_all_conv_paths_match_loop(monkeypatch, path, views, memory_format):
+    """Every per-sample conv route against the batch-size-1 loop, also for channels_last models
+    and inputs (the layout cuDNN prefers for bf16 on GPUs)."""
     from dprandp.privacy import layerwise
 
     monkeypatch.setattr(layerwise, "_use_ghost", lambda *a: path == "ghost")
@@ -359,7 +362,9 @@ def test_all_conv_paths_match_loop(monkeypatch, path, views):
         ref = loop_reference(model, x, y)
         c = float(torch.stack([norm_of(r) for r in ref]).median())  # clip some samples
         ref_sum, ref_norms = clipped_reference(ref, c)
-        g, norms = clipped_grad_sum(model, x, y, max_grad_norm=c, method="layerwise")
+        model = model.to(memory_format=memory_format)
+        images = x.reshape(-1, *shape[-3:]).contiguous(memory_format=memory_format).reshape(shape)
+        g, norms = clipped_grad_sum(model, images, y, max_grad_norm=c, method="layerwise")
         torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
         for n in g:
             torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)
