@@ -245,3 +245,23 @@ def test_cli_threads_default_to_one_on_a_busy_machine(tmp_path, monkeypatch, cap
         torch.set_num_threads(before)
     assert seen == (want_threads or 3)
     assert ("the machine is busy" in capsys.readouterr().err) == want_note
+
+
+@pytest.mark.parametrize("existing", ["prior", "state"])
+def test_cli_refuses_an_existing_out_before_rendering_any_image(tmp_path, monkeypatch, _cli, existing):
+    """Rendering 36k images takes minutes: an --out that would be refused must be refused first."""
+    import dprandp.pretrain as pretrain_api
+
+    out = tmp_path / "p.pt"
+    (state_path(out) if existing == "state" else out).write_bytes(b"earlier work")
+    rendered = []
+    monkeypatch.setattr(pretrain_api, "process_source", lambda *a, **k: rendered.append(a) or pytest.fail("rendered"))
+    r = _cli("--process", "stylegan-oriented", "--num", "32", "--out", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not rendered
+    assert (state_path(out) if existing == "state" else out).read_bytes() == b"earlier work"
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    r = _cli("--process", "stylegan-oriented", "--num", "32", "--out", str(blocked / "p.pt"))
+    assert r.returncode == 2 and "not a directory" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not rendered

@@ -43,7 +43,7 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
     import torch
 
     from dprandp.cli.options import emit_json
-    from dprandp.pretrain import open_store, pretrain, preset, process_source
+    from dprandp.pretrain import check_prior_out, open_store, pretrain, preset, process_source
 
     if (images is None) == (process is None):
         raise InputError("give exactly one of --images STORE.npy or --process NAME --num N")
@@ -68,6 +68,7 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
     config = preset(preset_name, model=model, epochs=epochs, batch_size=batch_size, lr_per_256=lr_per_256, hidden=hidden, loss=loss, seed=seed,
                     process=process)
     progress = False if no_progress else None
+    check_prior_out(out, resume=resume, overwrite=overwrite)  # before rendering: a refusal costs nothing
     if images is not None:
         source = open_store(images)
     else:

@@ -9,11 +9,11 @@ from dprandp.pretrain.checkpoint import apply_prior, load_prior
 from dprandp.pretrain.config import PRESETS, PretrainConfig, preset
 from dprandp.pretrain.data import ArrayStore, open_store, process_source
 from dprandp.pretrain.loss import align_uniform_loss, info_nce_loss
-from dprandp.pretrain.trainer import ContrastiveModel, PretrainResult, pretrain
+from dprandp.pretrain.trainer import ContrastiveModel, PretrainResult, check_prior_out, pretrain
 from dprandp.pretrain.views import ViewConfig, two_views
 
 __all__ = [
     "PRESETS", "ArrayStore", "ContrastiveModel", "PretrainConfig", "PretrainResult", "ViewConfig",
-    "align_uniform_loss", "apply_prior", "info_nce_loss", "load_prior", "open_store", "preset",
+    "align_uniform_loss", "apply_prior", "check_prior_out", "info_nce_loss", "load_prior", "open_store", "preset",
     "pretrain", "process_source", "two_views",
 ]

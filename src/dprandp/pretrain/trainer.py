@@ -107,6 +107,23 @@ def _config_diff(a: dict, b: dict) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def check_prior_out(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse, in one line, an ``out`` that :func:`pretrain` must not or cannot write.
+
+    An existing prior (or its training state) needs ``resume`` or ``overwrite``; a missing
+    directory is created at the first save, so only an existing ancestor that is not a writable
+    directory is refused. Cheap: callers run it before rendering any images.
+    """
+    out = Path(out)
+    if (out.exists() or ckpt.state_path(out).exists()) and not (resume or overwrite):
+        raise InputError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite to replace it")
+    for parent in out.parents:  # refuse now what the first save (after an epoch) would fail on
+        if parent.exists():
+            require(parent.is_dir(), f"cannot write {str(out)!r}: {parent} is not a directory")
+            require(os.access(parent, os.W_OK | os.X_OK), f"cannot write {str(out)!r}: directory {parent} is not writable")
+            break
+
+
 def pretrain(
     config: PretrainConfig, source, *, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
     device: torch.device | str | None = None, progress: bool | None = None, log=None,
@@ -130,13 +147,7 @@ def pretrain(
             f"batch size {config.batch_size} must be divisible by the number of processes {ctx.world_size}")
     require(config.batch_size <= len(source),
             f"batch size {config.batch_size} is larger than the {len(source)} images available")
-    if (out.exists() or state_file.exists()) and not (resume or overwrite):
-        raise InputError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite to replace it")
-    for parent in out.parents:  # refuse now what the first save (after an epoch) would fail on
-        if parent.exists():
-            require(parent.is_dir(), f"cannot write {str(out)!r}: {parent} is not a directory")
-            require(os.access(parent, os.W_OK | os.X_OK), f"cannot write {str(out)!r}: directory {parent} is not writable")
-            break
+    check_prior_out(out, resume=resume, overwrite=overwrite)
 
     model = ContrastiveModel(config).to(device)
     cuda = device.type == "cuda"
