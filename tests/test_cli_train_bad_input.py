@@ -191,3 +191,14 @@ def test_bad_input(case, files, capsys):
 def test_console_script_path(files):
     r = subprocess.run([sys.executable, "-m", "dprandp", *train_cmd(files, "nan")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "NaN" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_missing_model_is_named_before_the_data_is_read(command, files, capsys):
+    """The cheap check first: a missing model file is reported even when the data is missing too."""
+    data = ["--dataset", "npz", "--data", str(files["dir"] / "no-data.npz")] if command == "evaluate" else \
+        ["--images", str(files["dir"] / "no-images")]
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--model", str(files["dir"] / "nope.pt"), *data])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "model file not found" in err and "no-" not in err

@@ -143,10 +143,3 @@ def test_device_is_chosen_and_checked_before_the_model_is_read(saved, tmp_path):
     with pytest.raises(InputError, match="--device must be"):
         load_model(tmp_path / "not-there.pt", device="gpu")  # the device is refused first, not the missing file
 
-
-def test_a_missing_model_is_named_before_any_image_is_read(tmp_path, capsys):
-    (tmp_path / "broken.png").write_bytes(b"not a png")  # reading the images would fail on this file
-    with pytest.raises(SystemExit) as exc:
-        main(["predict", "--model", str(tmp_path / "run"), "--images", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and "model file not found" in err and "broken.png" not in err
