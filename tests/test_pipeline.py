@@ -176,6 +176,19 @@ def test_without_prior_every_step_trains_everything(tmp_path):
     assert result.summary["prior"] is None and result.summary["phase2_steps_done"] == 0
 
 
+def test_divergence_is_read_off_the_parameters_and_stops_the_run(tmp_path):
+    """An absurd learning rate sends the weights to ~1e29 after one step: still finite, but the model's
+    outputs overflow. The run stops with a one-line error naming the step, and the ledger keeps
+    every step spent (the budget is not forgotten)."""
+    data = tiny_npz(tmp_path / "t.npz")
+    cfg = preset("demo", dataset="npz", data=data, model="wrn-10-1", prior=None, batch_size=16, augmult=1,
+                 physical_batch_size=16, steps=4, eval_every=0, target_epsilon=8.0, noise_multiplier=3.0,
+                 lr_phase3=1e30)
+    with pytest.raises(InputError, match=r"training diverged at step 1: the model's parameters or outputs are no longer finite"):
+        train(cfg, out=tmp_path / "run", progress=False)
+    assert len(ledger_steps(tmp_path / "run")) == 1
+
+
 def test_delta_must_be_below_one_over_n(tmp_path):
     data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
     with pytest.raises(InputError, match="N = 64"):

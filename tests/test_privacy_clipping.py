@@ -209,13 +209,32 @@ def test_auto_falls_back_to_vmap_for_unknown_layers():
 class BatchCentred(nn.Module):
     """Linear layers around a parameter-free cross-sample operation, invisible to a module scan."""
 
-    def __init__(self, centre: bool):
+    def __init__(self, centre: bool | str):
         super().__init__()
         self.a, self.b, self.centre = nn.Linear(12, 8), nn.Linear(8, 3), centre
+        self.drop = nn.Dropout(0.5)
 
     def forward(self, x):
         h = self.a(x.flatten(1))
-        return self.b(h - h.mean(0, keepdim=True) if self.centre else h)
+        if self.centre == "dropout":  # per-sample randomness: not mixing, must not be refused
+            h = self.drop(h)
+        mix = self.centre is True or (self.centre == "train-only" and self.training)
+        return self.b(h - h.mean(0, keepdim=True) if mix else h)
+
+
+class RunningMean(nn.Module):
+    """A custom layer that keeps a running mean of its inputs in a buffer (as BatchNorm does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 8), nn.Linear(8, 3)
+        self.register_buffer("running", torch.zeros(8, dtype=torch.float64))
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        if self.training:
+            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return self.b(h)
 
 
 def test_layerwise_refuses_a_forward_that_mixes_samples():
@@ -229,6 +248,13 @@ def test_layerwise_refuses_a_forward_that_mixes_samples():
         clipped_grad_sum(mixing, x, y, max_grad_norm=1.0, method="layerwise")
     with pytest.raises(InputError, match="mixes the samples"):  # refused again, not remembered as checked
         clipped_grad_sum(mixing, x, y, max_grad_norm=1.0, method="layerwise")
+    # Mixing only in train mode is caught too: the check runs in the model's own mode.
+    with pytest.raises(InputError, match="mixes the samples"):
+        clipped_grad_sum(BatchCentred(centre="train-only").double().train(), x, y, max_grad_norm=1.0,
+                         method="layerwise")
+    dropout = BatchCentred(centre="dropout").double().train()  # same seed in both passes: no false alarm
+    clipped_grad_sum(dropout, x, y, max_grad_norm=1.0, method="layerwise")
+    assert dropout.drop.training
     clean = BatchCentred(centre=False).double().train()
     ref_sum, ref_norms = clipped_reference(loop_reference(clean, x, y), 1.0)
     g, norms = clipped_grad_sum(clean, x, y, max_grad_norm=1.0, method="layerwise")
@@ -236,6 +262,18 @@ def test_layerwise_refuses_a_forward_that_mixes_samples():
     assert clean.training  # the check's eval mode is undone
     for n in g:
         torch.testing.assert_close(g[n], ref_sum[n])
+
+
+def test_layerwise_refuses_a_forward_that_updates_buffers():
+    """Running statistics updated in forward would carry private data into the model without noise."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    model = RunningMean().double().train()
+    with pytest.raises(InputError, match=r"updates its buffers \(running\)"):
+        clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
+    assert torch.equal(model.running, torch.zeros(8, dtype=torch.float64))  # restored: nothing leaked
+    clipped_grad_sum(model.eval(), x, y, max_grad_norm=1.0, method="layerwise")  # no update in eval mode
 
 
 def test_empty_batch_gives_zeros():
@@ -391,3 +429,32 @@ def test_custom_loss_with_soft_targets(method):
     torch.testing.assert_close(norms, ref_norms)
     for n in g:
         torch.testing.assert_close(g[n], ref_sum[n])
+
+
+@pytest.mark.parametrize("path", ["grouped", "unfold", "ghost", "vmap"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_sample_with_a_non_finite_gradient_contributes_zero(monkeypatch, path, bad):
+    """0 * inf is NaN: a clip factor of 0 alone would let one overflowing sample turn the whole sum
+    into NaN (its influence unbounded). It must contribute exactly zero, on every route, and the
+    others must be clipped as if it were absent (the reference: the loop without it)."""
+    from dprandp.privacy import layerwise
+
+    monkeypatch.setattr(layerwise, "_use_ghost", lambda *a: path == "ghost")
+    monkeypatch.setattr(layerwise, "_UNFOLD_MIN_FAN_IN", 0 if path == "unfold" else 10**9)
+    monkeypatch.setattr(layerwise, "_UNFOLD_MAX_POSITIONS", 10**9)
+    gen = torch.Generator().manual_seed(4)
+    for views in (0, 2):
+        model = tiny_wrn()
+        shape = (4, views, 3, 12, 12) if views else (4, 3, 12, 12)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 5, (4,), generator=gen)
+        x[2].view(-1)[7] = bad  # sample 2 (one view of it when views > 0)
+        others = [0, 1, 3]
+        ref = loop_reference(model, x[others], y[others])
+        c = float(torch.stack([norm_of(r) for r in ref]).median())
+        ref_sum, ref_norms = clipped_reference(ref, c)
+        g, norms = clipped_grad_sum(model, x, y, max_grad_norm=c, method="vmap" if path == "vmap" else "layerwise")
+        assert not torch.isfinite(norms[2])
+        torch.testing.assert_close(norms[others], ref_norms, rtol=1e-10, atol=1e-12)
+        for n in g:
+            torch.testing.assert_close(g[n], ref_sum[n], rtol=1e-9, atol=1e-12)

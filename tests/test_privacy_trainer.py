@@ -150,7 +150,7 @@ def test_all_reduce_hook_sums_before_noise():
 
     part = clip_and_sum(other, x[3:], y[3:], max_grad_norm=0.5)
     names = [n for n, _ in other_dp.trainable]
-    stats1 = torch.tensor([3.0, float(part.per_sample_losses.sum()), float(part.per_sample_norms.sum()), float((part.per_sample_norms > 0.5).sum())], dtype=torch.float64)
+    stats1 = torch.tensor([3.0, float(part.per_sample_losses.sum()), float(part.per_sample_norms.sum()), float((part.per_sample_norms > 0.5).sum()), 0.0], dtype=torch.float64)
     rank1 = torch.cat([part.grad_sum[n].flatten() for n in names] + [stats1])
     rank0 = tiny()
     dp0 = DPSGD(rank0, torch.optim.SGD(rank0.parameters(), lr=1.0), config=cfg, noise_generator=torch.Generator().manual_seed(4), all_reduce=lambda t: t + rank1)
@@ -214,3 +214,24 @@ def test_changing_trainable_set_after_construction_is_refused():
     model.head.fc.bias.requires_grad_(False)
     with pytest.raises(InputError, match="trainable parameters changed"):
         dp.step(*data(2))
+
+
+def test_a_non_finite_sample_is_dropped_and_counted_not_spread():
+    """One sample that overflows: the step stays finite, the sample is counted as dropped, and the
+    statistics are those of the others (a reference DPSGD run on the batch without it)."""
+    x, y = data(6, k=2, seed=3)
+    x[4, 1, 0, 0, 0] = float("nan")
+    keep = [0, 1, 2, 3, 5]
+    runs = {}
+    for name, (xs, ys) in {"with": (x, y), "without": (x[keep], y[keep])}.items():
+        model = tiny()
+        dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), config=config(augmult=2, max_grad_norm=0.5),
+                   noise_generator=torch.Generator().manual_seed(0))
+        runs[name] = (dp.step(xs, ys), model)
+    (s, m), (ref, m_ref) = runs["with"], runs["without"]
+    assert s.batch_size == 6 and s.dropped == 1 and ref.dropped == 0
+    assert s.loss == pytest.approx(ref.loss) and s.grad_norm == pytest.approx(ref.grad_norm)
+    assert s.clipped_fraction == pytest.approx(ref.clipped_fraction)
+    for p, q in zip(m.parameters(), m_ref.parameters(), strict=True):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q)

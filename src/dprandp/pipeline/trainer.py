@@ -372,6 +372,9 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
         idx = idx.to(device)
         return cache[idx], y_train[idx]
 
+    # A fixed public input on which divergence is checked after every update (post-processing of the
+    # DP output: no private data decides whether the run stops).
+    probe = torch.randn((2, 3, *data.x_train.shape[1:3]), generator=torch.Generator().manual_seed(0)).to(device)
     ledger.set_plan(plan.phases(config))
     phase, optimizer, engine, lr, views_of = None, None, None, None, make_views
     stopped = None
@@ -412,12 +415,14 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
         if ema is not None:
             ema.update(model)
         loss = stats.loss
-        require(not (math.isfinite(stats.grad_norm) and not math.isfinite(loss)),
-                f"loss became {loss} at step {step_no}; lower the learning rate")
+        # Divergence is read off the DP output (the updated model on a fixed public input), never off
+        # the private batch's loss: stopping is then post-processing and costs no privacy.
+        require(model_is_finite(model, probe), f"training diverged at step {step_no}: the model's parameters or "
+                "outputs are no longer finite; lower the learning rate")
         rec = {"kind": "step", "step": step_no, "phase": phase, "loss": loss, "train_accuracy": meter.take(),
                "lr": lr, "epsilon": ledger.epsilon_upper_bound(), "batch_size": stats.batch_size,
                "grad_norm": stats.grad_norm, "clipped_fraction": stats.clipped_fraction,
-               "seconds": stats.seconds}
+               "dropped": stats.dropped, "seconds": stats.seconds}
         metrics.append(_clean(rec))
         bar.update(1)
         bar.set_postfix(phase=phase, loss=f"{loss:.3f}", eps=f"{rec['epsilon']:.3f}")
@@ -467,6 +472,13 @@ def _world_size() -> int:
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def model_is_finite(model: torch.nn.Module, probe: torch.Tensor) -> bool:
+    """Whether every parameter and the logits on ``probe`` (public inputs) are finite (one device sync)."""
+    with torch.no_grad():
+        flags = [torch.isfinite(p).all() for p in model.parameters()] + [torch.isfinite(model(probe)).all()]
+    return bool(torch.stack(flags).all())
 
 
 def _clean(rec: dict) -> dict:

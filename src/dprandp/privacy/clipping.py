@@ -2,7 +2,9 @@
 
 ``clipped_grad_sum`` returns sum_i clip_C(g_i), where g_i is the gradient of sample i's loss
 averaged over its K views, and clip_C(g) = g * min(1, C / (||g|| + 1e-6)). The 1e-6 keeps the
-clipped norm strictly below C under rounding and leaves gradients with norm below C untouched.
+clipped norm below C under rounding and leaves gradients with norm below C untouched. A gradient
+that is not finite (a sample on which the model overflowed) is clipped to zero, so one sample can
+never make the sum non-finite.
 Everything is checked before any computation, so a bad call costs nothing.
 """
 
@@ -36,7 +38,7 @@ class ClippedSum:
     """Result of one chunk: the clipped sum and what the trainer reports about it."""
 
     grad_sum: dict[str, torch.Tensor]
-    per_sample_norms: torch.Tensor  # before clipping, (B,)
+    per_sample_norms: torch.Tensor  # before clipping, (B,); not finite for a sample that contributed zero
     per_sample_losses: torch.Tensor  # mean over views, (B,)
     method: str
 
@@ -94,23 +96,44 @@ _CHECKED_INDEPENDENT: weakref.WeakSet = weakref.WeakSet()
 
 
 def _check_samples_independent(model: nn.Module, inputs, targets, *, loss_fn, multi_view) -> None:
-    """Refuse a model whose forward pass mixes the samples of a batch.
+    """Refuse a model whose forward pass mixes the samples of a batch or updates its buffers.
 
     The layer-wise engine computes a whole chunk's per-sample gradients in one pass. That is exact
     only if each sample's output depends on that sample alone, which :func:`validate_model` checks
     for known layers (BatchNorm) but cannot see in code such as ``x - x.mean(0)`` in a custom
     ``forward``. Once per model: sample 0's gradient norm computed beside sample 1 must equal its
-    norm computed alone (eval mode, so dropout draws nothing; float32). Costs two tiny passes.
+    norm computed alone. Both passes run in the model's own mode (a layer may mix samples only
+    when training), with dropout off and the same random seed, so randomness cannot tell them
+    apart; float32. A buffer the forward pass changes (running statistics of a custom layer) would
+    carry private data into the model without noise, so it is refused too, and restored. Costs
+    two tiny passes.
     """
     _CHECKED_INDEPENDENT.add(model)
-    training = model.training
-    model.eval()
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    norms = []
     try:
+        for m in dropouts:
+            m.eval()
         kw = dict(max_grad_norm=1.0, loss_fn=loss_fn, multi_view=multi_view, method="layerwise", precision="fp32")
-        pair = _clip_and_sum(model, inputs[:2], targets[:2], **kw).per_sample_norms[0]
-        alone = _clip_and_sum(model, inputs[:1], targets[:1], **kw).per_sample_norms[0]
+        for batch in (slice(0, 2), slice(0, 1)):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                norms.append(_clip_and_sum(model, inputs[batch], targets[batch], **kw).per_sample_norms[0])
     finally:
-        model.train(training)
+        for m in dropouts:
+            m.train()
+        changed = [n for n, b in model.named_buffers() if n in buffers and not torch.equal(b, buffers[n])]
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buffers:
+                    b.copy_(buffers[n])
+    if changed:
+        _CHECKED_INDEPENDENT.discard(model)
+        raise InputError(
+            "the model's forward pass updates its buffers (" + ", ".join(changed[:3]) + "): they would carry "
+            "private data into the model without noise; remove the running statistics")
+    pair, alone = norms
     if not torch.isclose(pair, alone, rtol=1e-3, atol=1e-6):
         _CHECKED_INDEPENDENT.discard(model)
         raise InputError(
@@ -187,13 +210,19 @@ def _clip_and_sum(model, inputs, targets, *, max_grad_norm, loss_fn, multi_view,
         else:
             sq = sq + torch.linalg.vector_norm(grads[n].reshape(b, -1), dim=1).square().to(sq.dtype)
     norms = sq.clamp(min=0).sqrt()  # a Gram-matrix norm can round a hair below zero
-    factors = clip_factors(norms, float(max_grad_norm))
+    # A sample whose gradient is not finite (inf or NaN anywhere) contributes exactly zero: a factor
+    # of 0 alone would give 0 * inf = NaN and let that one sample turn the whole sum into NaN.
+    finite = torch.isfinite(norms)
+    factors = torch.where(finite, clip_factors(norms, float(max_grad_norm)), torch.zeros_like(norms))
+    keep = None if bool(finite.all()) else finite
     grad_sum = {}
     for n, p in trainable:
         if n in deferred:
-            grad_sum[n] = deferred.pop(n).finish(factors).to(p.dtype)
+            grad_sum[n] = deferred.pop(n).finish(factors, keep).to(p.dtype)
         else:
             g = grads.pop(n)
+            if keep is not None:
+                g = torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device))
             grad_sum[n] = torch.tensordot(factors.to(g.dtype), g, dims=1).to(p.dtype)
     return ClippedSum(grad_sum, norms.detach(), losses.detach(), method)
 

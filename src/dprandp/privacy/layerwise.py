@@ -85,13 +85,14 @@ class _Tap(torch.autograd.Function):
 class Deferred:
     """A parameter whose per-sample gradients are never materialised ("ghost" norm).
 
-    ``sq_norms`` holds each sample's squared gradient norm; ``finish(factors)`` returns
+    ``sq_norms`` holds each sample's squared gradient norm; ``finish(factors, keep)`` returns
     sum_i factors[i] * grad_i, computed as one ordinary weight gradient of the re-weighted
-    output gradients, once the clip factors are known.
+    output gradients, once the clip factors are known. ``keep`` (bool per sample, or None for
+    all) drops samples entirely, so that a non-finite one cannot leak NaN through 0 * inf.
     """
 
     sq_norms: torch.Tensor
-    finish: Callable[[torch.Tensor], torch.Tensor]
+    finish: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 #: Ghost norms for convs whose per-sample gradients are big and whose maps are small: when
@@ -119,10 +120,15 @@ def _conv2d_weight_ghost(module, a: torch.Tensor, g: torch.Tensor, b: int, paddi
     k = a.shape[0] // b
     w = module.weight
 
-    def finish(factors: torch.Tensor) -> torch.Tensor:
+    def finish(factors: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         scale = factors.to(g.dtype).repeat_interleave(k).reshape(-1, *([1] * (g.dim() - 1)))
+        gs, inputs = g * scale, a
+        if keep is not None:
+            rows = keep.repeat_interleave(k).reshape(-1, *([1] * (g.dim() - 1)))
+            zero = torch.zeros((), dtype=g.dtype, device=g.device)
+            gs, inputs = torch.where(rows, gs, zero), torch.where(rows, a, zero)
         _, gw, _ = torch.ops.aten.convolution_backward(
-            g * scale, a, w.detach(), None, list(module.stride), padding, list(module.dilation), False,
+            gs, inputs, w.detach(), None, list(module.stride), padding, list(module.dilation), False,
             [0] * (a.dim() - 2), module.groups, [False, True, False],
         )
         return gw

@@ -34,6 +34,7 @@ class StepStats:
     loss: float  # mean per-sample loss (mean over views); nan for an empty batch
     grad_norm: float  # mean per-sample gradient norm before clipping; nan if empty
     clipped_fraction: float  # share of samples whose gradient was scaled down; nan if empty
+    dropped: int  # samples whose gradient was not finite: they contributed zero (loss, norm and share exclude them)
     noise_std: float  # std of the noise on the averaged gradient: sigma * C / B
     seconds: float
     method: str
@@ -142,7 +143,7 @@ class DPSGD:
             "the set of trainable parameters changed since this DPSGD was built; build a new one for the new phase",
         )
         sums = {n: torch.zeros_like(p) for n, p in self.trainable}
-        count, loss_sum, norm_sum, clipped = 0.0, 0.0, 0.0, 0.0
+        count, loss_sum, norm_sum, clipped, dropped = 0.0, 0.0, 0.0, 0.0, 0.0
         for x, y in chunks:
             if x.shape[0] == 0:
                 continue
@@ -152,12 +153,16 @@ class DPSGD:
             )
             for n, g in out.grad_sum.items():
                 sums[n] += g
-            count += out.per_sample_norms.numel()
-            loss_sum += float(out.per_sample_losses.sum())
-            norm_sum += float(out.per_sample_norms.sum())
-            clipped += float((out.per_sample_norms + 1e-6 > cfg.max_grad_norm).sum())
+            norms = out.per_sample_norms
+            kept = torch.isfinite(norms)
+            count += norms.numel()
+            dropped += float((~kept).sum())
+            loss_sum += float(out.per_sample_losses[kept].sum())
+            norm_sum += float(norms[kept].sum())
+            clipped += float((norms[kept] + 1e-6 > cfg.max_grad_norm).sum())
         if self.all_reduce is not None:
-            sums, (count, loss_sum, norm_sum, clipped) = self._reduce(sums, (count, loss_sum, norm_sum, clipped))
+            sums, (count, loss_sum, norm_sum, clipped, dropped) = self._reduce(
+                sums, (count, loss_sum, norm_sum, clipped, dropped))
         std = cfg.noise_std
         for n, p in self.trainable:
             g = sums[n]
@@ -171,12 +176,14 @@ class DPSGD:
         self.optimizer.step()
         self.steps_taken += 1
         nan = float("nan")
+        n_kept = count - dropped
         return StepStats(
             step=self.steps_taken,
-            batch_size=int(round(count)),
-            loss=loss_sum / count if count else nan,
-            grad_norm=norm_sum / count if count else nan,
-            clipped_fraction=clipped / count if count else nan,
+            batch_size=round(count),
+            loss=loss_sum / n_kept if n_kept else nan,
+            grad_norm=norm_sum / n_kept if n_kept else nan,
+            clipped_fraction=clipped / n_kept if n_kept else nan,
+            dropped=round(dropped),
             noise_std=std / cfg.batch_size,
             seconds=time.perf_counter() - start,
             method=self.method,
