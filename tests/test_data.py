@@ -64,7 +64,7 @@ def test_validation_split_is_seeded_and_disjoint(tmp_path):
     np.testing.assert_array_equal(again.x_val, d.x_val)
 
 
-def medmnist_file(path, *, channels, classes, n=(30, 6, 10), size=28):
+def medmnist_file(path, *, channels, classes, n=(30, 6, 12), size=28):
     rng = np.random.default_rng(2)
     arrays = {}
     for split, m in zip(("train", "val", "test"), n):
@@ -173,3 +173,18 @@ def test_corrupt_and_missing_files(tmp_path):
         load_dataset("npz", str(tmp_path / "missing.npz"))
     with pytest.raises(InputError, match="unknown dataset"):
         load_dataset("imagenet", None)
+
+
+def test_the_class_count_is_never_inferred_from_the_private_training_labels(tmp_path):
+    """Class 3 held by training records only: inferring 4 classes from them would put that class in
+    the released model's head. Undeclared, it is refused with a hint; declared, it loads."""
+    arrays = cifar_like(n_train=20, n_test=8, classes=3)
+    arrays["y_train"][5] = 3
+    with pytest.raises(InputError, match=r"train labels must lie in 0\.\.2, found 3 \(the 3 classes were inferred "
+                                         r"from the test labels"):
+        load_dataset("npz", write_npz(tmp_path / "a.npz", **arrays))
+    d = load_dataset("npz", write_npz(tmp_path / "b.npz", **arrays, class_names=np.array(["a", "b", "c", "d"])))
+    assert d.num_classes == 4
+    arrays["y_train"][5] = 0  # the test split's classes decide, whatever the training labels hold
+    arrays["y_train"][arrays["y_train"] == 2] = 0
+    assert load_dataset("npz", write_npz(tmp_path / "c.npz", **arrays)).num_classes == 3

@@ -121,7 +121,9 @@ def make_image_data(*, name: str, x_train, y_train, x_test, y_test, source: str,
     """Validate and normalise raw arrays into an :class:`ImageData`.
 
     ``num_classes`` is the declared class count (CIFAR-10: 10; from ``class_names`` if given);
-    without one it is inferred as ``max(label) + 1`` over all splits.
+    without one it is inferred as ``max(label) + 1`` over the test and validation splits, never from
+    the private training labels: a class that only one training record has would otherwise show in
+    the released model's head, and so reveal that record. Training labels outside it are refused.
     """
     splits = {"train": (x_train, y_train), "test": (x_test, y_test)}
     if x_val is not None:
@@ -136,15 +138,20 @@ def make_image_data(*, name: str, x_train, y_train, x_test, y_test, source: str,
             num_classes = len(class_names)
         require(len(class_names) == num_classes,
                 f"{source}: {len(class_names)} class names for {num_classes} classes")
-    all_y = np.concatenate(list(ys.values()))
-    if num_classes is None:
-        require(int(all_y.min()) >= 0, f"{source}: labels must be >= 0, got {int(all_y.min())}")
-        num_classes = int(all_y.max()) + 1
+    inferred = num_classes is None
+    if inferred:
+        public_y = np.concatenate([y for split, y in ys.items() if split != "train"])
+        require(public_y.size > 0, f"{source}: cannot infer the number of classes from an empty test split; "
+                "declare them (class_names)")
+        require(int(public_y.min()) >= 0, f"{source}: labels must be >= 0, got {int(public_y.min())}")
+        num_classes = int(public_y.max()) + 1
     for split, y in ys.items():
         bad = (y < 0) | (y >= num_classes)
         if bad.any():
+            hint = (f" (the {num_classes} classes were inferred from the test labels, never from the private "
+                    "training labels: declare them with class_names)") if inferred and split == "train" else ""
             raise InputError(f"{source}: {split} labels must lie in 0..{num_classes - 1}, "
-                             f"found {int(y[bad][0])}")
+                             f"found {int(y[bad][0])}{hint}")
     present = np.unique(ys["train"])
     require(num_classes >= 2 and present.size >= 2,
             f"{source}: a classifier needs at least 2 classes, the train split has {present.size}")
