@@ -78,9 +78,13 @@ def test_overwrite_records_the_budget_the_deleted_run_had_spent(finished, tmp_pa
     warning = [m for m in messages if "--overwrite deletes" in m]
     assert len(warning) == 1 and "6 DP steps" in warning[0] and f"{spent['epsilon']:.4g}" in warning[0]
     assert len(ledger_steps(old)) == 2  # the new ledger holds only the new run's steps
+    summary = json.loads((old / "summary.json").read_text())  # what people share says so too
+    assert summary["discarded_run"] == discarded
+    assert "--overwrite deleted an earlier run" in (old / "report.html").read_text()
     train(tiny_config(str(d / "tiny.npz"), str(d / "prior.pt"), steps=2, phase2_steps=1), out=tmp_path / "fresh",
           overwrite=True, progress=False)
     assert json.loads((tmp_path / "fresh" / "config.json").read_text())["derived"]["discarded_run"] is None
+    assert json.loads((tmp_path / "fresh" / "summary.json").read_text())["discarded_run"] is None
 
 
 def test_run_directory_contents(finished):

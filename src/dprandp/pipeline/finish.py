@@ -149,6 +149,14 @@ def prior_preview(prior: str | None, n: int = 32) -> np.ndarray | None:
         return None
 
 
+def _discarded_run(run_dir: Path) -> dict | None:
+    """The budget of a run that ``--overwrite`` deleted from this directory (config.json), if any."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())["derived"].get("discarded_run")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported, final: dict,
                steps_applied: int, stopped: str | None, wall_time_s: float, log,
                search: dict | None = None) -> "TrainResult":
@@ -175,6 +183,12 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         notes.append("Keep this directory private: its exact validation score and its times are not covered by "
                      "the search's guarantee (the times tell how many runs there were). Release model.pt and "
                      "tuning.json from the search's directory instead.")
+    discarded = _discarded_run(run_dir)
+    if discarded is not None:
+        eps = "an unknown ε" if discarded.get("epsilon") is None else f"ε = {discarded['epsilon']:.4g}"
+        notes.append(f"--overwrite deleted an earlier run in this directory whose ledger held "
+                     f"{discarded.get('steps') or 'an unknown number of'} DP steps ({eps}). If that run's results "
+                     "were seen, the privacy spent on this data is both runs composed, not this run's ε alone.")
     if config.deterministic_noise:
         notes.append("--deterministic-noise: noise and batch sampling were seeded from --seed. Reproducible, but "
                      "anyone who knows the seed can subtract the noise: never release such a model.")
@@ -191,7 +205,7 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         "dataset": data.name, "prior": config.prior, **_prior_record(run_dir, config.prior),
         "model": config.model,
         "wall_time_s": wall_time_s, "code_version": code_version(),
-        "deterministic_noise": config.deterministic_noise, "stopped_early": stopped,
+        "deterministic_noise": config.deterministic_noise, "stopped_early": stopped, "discarded_run": discarded,
         "finished": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
     if search is not None:
