@@ -276,6 +276,56 @@ def test_layerwise_refuses_a_forward_that_updates_buffers():
     clipped_grad_sum(model.eval(), x, y, max_grad_norm=1.0, method="layerwise")  # no update in eval mode
 
 
+class ReadsWeightDirectly(nn.Module):
+    """A custom forward that uses a LayerNorm's affine weight without calling the LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(x * self.norm.weight + self.norm.bias)
+
+
+def test_a_parameter_read_outside_its_module_is_refused_not_taken_as_zero():
+    """No hook sees ``norm.weight`` here, so the layer-wise rules would report its per-sample gradient
+    as zero; they refuse instead, and the vmap method gets it right (against the loop)."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    model = ReadsWeightDirectly().double()
+    with pytest.raises(InputError, match=r"norm\.weight, norm\.bias are read outside their module's forward"):
+        clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
+    ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 1.0)
+    g, norms = clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="vmap")
+    torch.testing.assert_close(norms, ref_norms)
+    for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n])
+
+
+def test_a_check_that_fails_for_another_reason_is_run_again():
+    """The model counts as checked only once the check passed: an error inside it (here a transient
+    one on the first forward) must not let the mixing model through on the next call."""
+
+    class FlakyMixing(BatchCentred):
+        calls = 0
+
+        def forward(self, x):
+            FlakyMixing.calls += 1
+            if FlakyMixing.calls == 1:
+                raise RuntimeError("transient")
+            return super().forward(x)
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    model = FlakyMixing(centre=True).double()
+    with pytest.raises(RuntimeError, match="transient"):
+        clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
+    with pytest.raises(InputError, match="mixes the samples"):
+        clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
+
+
 def test_empty_batch_gives_zeros():
     model = tiny_wrn()
     g, norms = clipped_grad_sum(model, torch.zeros(0, 3, 16, 16, dtype=torch.float64), torch.zeros(0, dtype=torch.long), max_grad_norm=1.0)

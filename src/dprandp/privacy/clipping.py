@@ -1,11 +1,12 @@
 """Per-sample clipping with augmentation multiplicity: the core primitive of DP-SGD.
 
 ``clipped_grad_sum`` returns sum_i clip_C(g_i), where g_i is the gradient of sample i's loss
-averaged over its K views, and clip_C(g) = g * min(1, C / (||g|| + 1e-6)). The 1e-6 keeps the
-clipped norm below C under rounding and leaves gradients with norm below C untouched. A gradient
-that is not finite (a sample on which the model overflowed) is clipped to zero, so one sample can
-never make the sum non-finite.
-Everything is checked before any computation, so a bad call costs nothing.
+averaged over its K views, and clip_C(g) = g * min(1, C / (||g|| + 1e-6)). The 1e-6 leaves
+gradients with norm below C untouched; a clipped gradient's norm is C up to the rounding of its
+norm (about 1e-7 relative in float32, where the ghost-norm route computes the norm and the sum by
+different contractions). A gradient that is not finite (a sample on which the model overflowed)
+is clipped to zero, so one sample can never make the sum non-finite. Everything is checked
+before any computation, so a bad call costs nothing.
 """
 
 from __future__ import annotations
@@ -106,9 +107,17 @@ def _check_samples_independent(model: nn.Module, inputs, targets, *, loss_fn, mu
     when training), with dropout off and the same random seed, so randomness cannot tell them
     apart; float32. A buffer the forward pass changes (running statistics of a custom layer) would
     carry private data into the model without noise, so it is refused too, and restored. Costs
-    two tiny passes.
+    two tiny passes. The model counts as checked only once the check has passed.
     """
-    _CHECKED_INDEPENDENT.add(model)
+    _CHECKED_INDEPENDENT.add(model)  # also keeps the two passes below from re-entering the check
+    try:
+        _run_independence_check(model, inputs, targets, loss_fn=loss_fn, multi_view=multi_view)
+    except BaseException:
+        _CHECKED_INDEPENDENT.discard(model)
+        raise
+
+
+def _run_independence_check(model: nn.Module, inputs, targets, *, loss_fn, multi_view) -> None:
     dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     norms = []
@@ -129,13 +138,11 @@ def _check_samples_independent(model: nn.Module, inputs, targets, *, loss_fn, mu
                 if n in buffers:
                     b.copy_(buffers[n])
     if changed:
-        _CHECKED_INDEPENDENT.discard(model)
         raise InputError(
             "the model's forward pass updates its buffers (" + ", ".join(changed[:3]) + "): they would carry "
             "private data into the model without noise; remove the running statistics")
     pair, alone = norms
     if not torch.isclose(pair, alone, rtol=1e-3, atol=1e-6):
-        _CHECKED_INDEPENDENT.discard(model)
         raise InputError(
             "the model's forward pass mixes the samples of a batch: sample 0's gradient norm is "
             f"{float(pair):.6g} beside sample 1 and {float(alone):.6g} alone, so clipping would not bound one "

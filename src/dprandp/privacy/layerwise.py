@@ -357,7 +357,17 @@ def per_sample_grads(
         raise InputError("no trainable layer took part in the forward pass")
     # Sum over samples of the per-sample mean over views: each view's gradient carries 1/K.
     total = losses.sum() / augmult
-    torch.autograd.grad(total, anchor, allow_unused=True)
+    # A trainable parameter of a module that was never called has no rule to see it: it must be
+    # unused, not read directly (e.g. ``norm.weight`` in a custom forward), or its gradient would be
+    # silently taken as zero. Autograd says which it is, at the cost of its batch gradient only.
+    called = {id(c.module) for c in calls}
+    uncalled = [(prefix + n, p) for prefix, module in ((name + "." if name else "", m) for name, m in
+                model.named_modules()) if id(module) not in called for n, p in _own_trainable(module)]
+    found = torch.autograd.grad(total, [anchor, *(p for _, p in uncalled)], allow_unused=True)[1:]
+    read = [name for (name, _), g in zip(uncalled, found, strict=True) if g is not None]
+    if read:
+        raise InputError("parameter(s) " + ", ".join(read[:3]) + " are read outside their module's forward, "
+                         "which the layer-wise rules cannot see: use method='vmap'")
     for name, p in model.named_parameters():
         if p.requires_grad and name not in grads and name not in deferred:  # trainable but unused
             grads[name] = torch.zeros((b, *p.shape), dtype=p.dtype, device=p.device)
