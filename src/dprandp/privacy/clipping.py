@@ -126,8 +126,7 @@ def _run_independence_check(model: nn.Module, inputs, targets, *, loss_fn, multi
             m.eval()
         kw = dict(max_grad_norm=1.0, loss_fn=loss_fn, multi_view=multi_view, method="layerwise", precision="fp32")
         for batch in (slice(0, 2), slice(0, 1)):
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
+            with _same_random_draws(inputs.device):
                 norms.append(_clip_and_sum(model, inputs[batch], targets[batch], **kw).per_sample_norms[0])
     finally:
         for m in dropouts:
@@ -147,6 +146,18 @@ def _run_independence_check(model: nn.Module, inputs, targets, *, loss_fn, multi
             "the model's forward pass mixes the samples of a batch: sample 0's gradient norm is "
             f"{float(pair):.6g} beside sample 1 and {float(alone):.6g} alone, so clipping would not bound one "
             "sample's influence; remove the cross-sample operation (e.g. statistics over the batch dimension)")
+
+
+@contextmanager
+def _same_random_draws(device: torch.device) -> Iterator[None]:
+    """Seed the generators a forward pass on ``device`` draws from, and restore them after."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(0)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(0)
+        yield
 
 
 @contextmanager
