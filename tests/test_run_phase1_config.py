@@ -33,3 +33,35 @@ def test_run_all_refuses_a_from_scratch_train_config_with_a_phase1_config(tmp_pa
     with pytest.raises(InputError, match="PHASE_I_PRIOR"):
         run_all(RunConfig(train=scratch, pretrain=phase1), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_cached_prior_is_resumed_never_used_as_complete(tmp_path, monkeypatch):
+    """Phase I rewrites the prior after every epoch: a run killed mid-way leaves a partial prior in
+    the cache. The next run must finish it (from its training state), or train it again when the
+    state is gone, and never take it for the complete prior."""
+    from dprandp.pipeline.run import ensure_prior, prior_cache_path
+    from dprandp.pretrain import PretrainConfig, pretrain, process_source
+    from dprandp.pretrain.checkpoint import load_prior, state_path
+
+    monkeypatch.setenv("DPRANDP_CACHE", str(tmp_path))
+    c = PretrainConfig(model="wrn-10-1", hidden=32, out_dim=16, head_groups=4, batch_size=16, epochs=2,
+                       num_images=32, image_size=32, process="stylegan-oriented", seed=0)
+    path = prior_cache_path(c)
+    path.parent.mkdir(parents=True)
+    source = process_source(c.process, c.num_images, size=c.image_size, seed=c.seed)
+    pretrain(c, source, out=path, stop_after_epoch=1)  # "killed" after epoch 1 of 2
+    assert state_path(path).exists()
+    logs = []
+    assert ensure_prior(c, log=logs.append) == path
+    assert load_prior(path)[1]["provenance"]["epochs_done"] == 2 and not state_path(path).exists()
+    assert any("resuming the interrupted cached prior" in m for m in logs)
+    logs.clear()
+    ensure_prior(c, log=logs.append)  # now complete: reused as it is
+    assert logs == [f"Phase I: using the cached prior {path}"]
+
+    pretrain(c, source, out=path, overwrite=True, stop_after_epoch=1)
+    state_path(path).unlink()  # a partial prior whose state is lost: trained again from scratch
+    logs.clear()
+    ensure_prior(c, log=logs.append)
+    assert load_prior(path)[1]["provenance"]["epochs_done"] == 2
+    assert any("is incomplete (1 of 2 epochs) and cannot be resumed" in m for m in logs)

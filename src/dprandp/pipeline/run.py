@@ -73,18 +73,42 @@ def ensure_prior(pretrain_config, *, cache: bool = True, progress: bool = False,
     """A prior for ``pretrain_config``: from the cache if present, else Phase I (then cached)."""
     from dprandp.pretrain import process_source, pretrain
 
+    from dprandp.pretrain.checkpoint import state_path
+
     log = log or (lambda msg: None)
     path = prior_cache_path(pretrain_config)
-    if cache and path.exists():
-        log(f"Phase I: using the cached prior {path}")
-        return path
     c = pretrain_config
-    log(f"Phase I: pretraining {c.model} on {c.num_images} {c.process} images ({c.image_size} px, "
-        f"{c.epochs} epochs); no private data involved")
+    # The prior file is rewritten after every epoch, so an interrupted Phase I leaves a partial one
+    # beside its training state: resume that, never use it as if it were complete.
+    resume = cache and path.exists() and state_path(path).exists()
+    if cache and path.exists() and not resume:
+        done = _epochs_done(path)
+        if done is not None and done >= c.epochs:
+            log(f"Phase I: using the cached prior {path}")
+            return path
+        log(f"Phase I: the cached prior {path} is incomplete ({done} of {c.epochs} epochs) and cannot be resumed; "
+            "Phase I runs again")
+    if resume:
+        log(f"Phase I: resuming the interrupted cached prior {path}")
+    else:
+        log(f"Phase I: pretraining {c.model} on {c.num_images} {c.process} images ({c.image_size} px, "
+            f"{c.epochs} epochs); no private data involved")
     source = process_source(c.process, c.num_images, size=c.image_size, seed=c.seed, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pretrain(c, source, out=path, overwrite=True, progress=progress, log=lambda m: log(f"Phase I: {m}"))
+    pretrain(c, source, out=path, resume=resume, overwrite=not resume, progress=progress,
+             log=lambda m: log(f"Phase I: {m}"))
     return path
+
+
+def _epochs_done(path: Path) -> int | None:
+    """The epochs a stored prior was trained for (None when the file is unreadable)."""
+    from dprandp.pretrain.checkpoint import load_prior
+
+    try:
+        _, meta = load_prior(path)
+        return int(meta["provenance"]["epochs_done"])
+    except Exception:  # a damaged cache entry is trained again, not trusted
+        return None
 
 
 def run_all(config: RunConfig, *, out, overwrite: bool = False, progress: bool | None = None,
