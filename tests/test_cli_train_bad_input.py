@@ -153,6 +153,12 @@ CASES = {
     "predict: an unknown device": lambda f: predict_cmd(f, f["store"], "--device", "tpu"),
     "pretrain: output under a file": lambda f: pretrain_cmd(f, "--out", str(f["dir"] / "a_file" / "p.pt")),
     "pretrain: negative seed": lambda f: pretrain_cmd(f, "--seed", "-1"),
+    "predict: --out is the --images file": lambda f: predict_cmd(f, f["store"], "--out", f["store"], "--overwrite"),
+    "predict: --out is the model": lambda f: predict_cmd(f, f["store"], "--out", str(f["dir"] / "model3.pt"),
+                                                         "--overwrite"),
+    "pretrain: --out is the --images store": lambda f: pretrain_cmd(f, "--out", f["store"], "--overwrite"),
+    "train: --data inside the --out that --overwrite deletes": lambda f: train_cmd(f, "good")[:-2] + [
+        "--out", str(f["dir"]), "--overwrite"],
 }
 
 
@@ -202,3 +208,21 @@ def test_a_missing_model_is_named_before_the_data_is_read(command, files, capsys
         main([command, "--model", str(files["dir"] / "nope.pt"), *data])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "model file not found" in err and "no-" not in err
+
+
+def test_an_input_inside_a_run_directory_that_overwrite_deletes_is_refused(files, tmp_path, capsys):
+    """--overwrite deletes the old run directory before training: a prior kept inside it would be
+    destroyed first. Refused with one line, the run directory and its prior untouched."""
+    import shutil
+
+    run = tmp_path / "old_run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # a dprandp run directory, so --overwrite alone would delete it
+    prior = run / "prior.pt"
+    shutil.copy(files["prior"], prior)
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *tiny_flags(files["good"]), "--prior", str(prior), "--epsilon", "1", "--out", str(run),
+              "--overwrite"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "lies inside the output directory" in err and snapshot(run) == before

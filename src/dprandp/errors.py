@@ -30,3 +30,18 @@ def check_writable(path: Path, what: str, overwrite: bool) -> None:
     if path.exists():
         require(overwrite, f"{what} {path} already exists (pass --overwrite to replace it)")
         require(os.access(path, os.W_OK), f"{what} {path} exists and is not writable")
+
+
+def check_not_an_input(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *,
+                       deletes_tree: bool = False) -> None:
+    """Refuse an output that is one of the inputs (``--overwrite`` would destroy it), or, when
+    writing ``out`` replaces a whole directory (``deletes_tree``), an input that lies inside it."""
+    target = Path(out).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        require(src != target, f"{flag} {path} is also the output: choose another output path")
+        if deletes_tree:
+            require(target not in src.parents,
+                    f"{flag} {path} lies inside the output directory {out}, which --overwrite would delete")

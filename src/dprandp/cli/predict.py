@@ -29,7 +29,7 @@ def command(model_path: str, images: str, key: str | None, out: Path | None, ove
 
     Predicting is post-processing of the DP model: it costs the private training data no privacy
     beyond the run's (ε, δ). The images you predict on are not protected by anything here."""
-    from dprandp.errors import check_writable, require
+    from dprandp.errors import check_not_an_input, check_writable, require
     from dprandp.pipeline.predict import predict, read_images
     from dprandp.pipeline.rundir import atomic_write_bytes
     from dprandp.pipeline.trainer import resolve_device
@@ -38,6 +38,7 @@ def command(model_path: str, images: str, key: str | None, out: Path | None, ove
     if path.is_dir():
         path = path / "model.pt"
     if out is not None:
+        check_not_an_input(out, {"--model": path, "--images": images})
         check_writable(out, "output", overwrite)  # before any work, so a refusal costs nothing
     resolve_device(device)
     require(path.is_file(), f"model file not found: {path}")  # before reading what may be many images

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from dprandp.errors import InputError
+from dprandp.errors import InputError, check_not_an_input
 
 
 @click.command("pretrain")
@@ -68,6 +68,7 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
     config = preset(preset_name, model=model, epochs=epochs, batch_size=batch_size, lr_per_256=lr_per_256, hidden=hidden, loss=loss, seed=seed,
                     process=process)
     progress = False if no_progress else None
+    check_not_an_input(out, {"--images": images})
     check_prior_out(out, resume=resume, overwrite=overwrite)  # before rendering: a refusal costs nothing
     if images is not None:
         source = open_store(images)

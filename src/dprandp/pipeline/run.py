@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dprandp.errors import require
+from dprandp.errors import check_not_an_input, require
 from dprandp.pipeline.config import TrainConfig
 from dprandp.pipeline.rundir import check_run_dir
 from dprandp.pipeline.trainer import TrainResult, train
@@ -125,11 +125,13 @@ def run_all(config: RunConfig, *, out, overwrite: bool = False, progress: bool |
                     f"Phase I model {config.pretrain.model} differs from the classifier {tc.model}")
             # Check everything about the DP phases before spending minutes on Phase I.
             from dprandp.data import load_dataset
-            from dprandp.pipeline.trainer import make_plan
+            from dprandp.pipeline.trainer import make_plan, resolve_device
 
+            resolve_device(tc.device)  # a bad --device, like a bad --out, is refused before Phase I
+            check_not_an_input(out, {"--data": tc.data}, deletes_tree=True)
+            check_run_dir(out, overwrite=overwrite)
             data = load_dataset(tc.dataset, tc.data, val_fraction=tc.val_fraction, val_seed=tc.seed)
             make_plan(tc, data.num_train)
-            check_run_dir(out, overwrite=overwrite)
             prior = ensure_prior(config.pretrain, cache=config.cache, progress=bool(progress), log=log)
             tc = replace(tc, prior=str(prior))
             return train(tc, out=out, overwrite=overwrite, progress=progress, log=log, data=data)

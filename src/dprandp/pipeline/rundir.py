@@ -36,6 +36,7 @@ def check_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> None:
     for parent in [p, *p.parents]:
         if parent.exists():
             require(parent.is_dir(), f"cannot create run directory {p}: {parent} is not a directory")
+            require(os.access(parent, os.W_OK | os.X_OK), f"cannot create run directory {p}: {parent} is not writable")
             break
     if p.is_dir() and any(p.iterdir()):
         require(overwrite, f"run directory {p} already exists; choose another --out, pass --overwrite, or --resume it")

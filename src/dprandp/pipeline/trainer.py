@@ -41,7 +41,7 @@ from dprandp.distributed import (
     rank_run_dir,
     shard_sampler,
 )
-from dprandp.errors import InputError, require
+from dprandp.errors import InputError, check_not_an_input, require
 from dprandp.models import create_model
 from dprandp.pipeline import state as st
 from dprandp.pipeline.config import TrainConfig, is_device_name
@@ -254,6 +254,7 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
     log = ctx.main_only(log or (lambda msg: None))  # the other ranks a private scratch directory
     out = rank_run_dir(out, ctx)
     t0 = time.time()
+    check_not_an_input(out, {"--data": config.data, "--prior": config.prior}, deletes_tree=True)
     check_run_dir(out, overwrite=overwrite)
     if data is None:
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
