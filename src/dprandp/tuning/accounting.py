@@ -26,8 +26,8 @@ from dprandp.tuning.repetitions import Repetitions
 
 def candidate_event(phases: Sequence[DPPhase], *, score_noise: float) -> dp_accounting.DpEvent:
     """One candidate run: its DP-SGD phases, then its noisy validation count."""
-    require(isinstance(score_noise, (int, float)) and math.isfinite(score_noise) and score_noise > 0,
-            f"the score noise must be a finite number > 0 (a noiseless score is not private), got {score_noise}")
+    require(isinstance(score_noise, (int, float)) and math.isfinite(score_noise) and 0 < score_noise <= 1e9,
+            f"the score noise must be a number in (0, 1e9] (a noiseless score is not private), got {score_noise}")
     return dp_accounting.ComposedDpEvent([composed_event(phases), dp_accounting.GaussianDpEvent(score_noise)])
 
 

@@ -77,8 +77,8 @@ class TuningConfig:
             require(len(values) > 0, f"--grid {name} has no values")
         names = [name for name, _ in self.grid]
         require(len(set(names)) == len(names), "each setting may appear in --grid once")
-        require(math.isfinite(self.score_noise) and self.score_noise > 0,
-                f"the score noise must be a finite number > 0, got {self.score_noise}")
+        require(math.isfinite(self.score_noise) and 0 < self.score_noise <= 1e9,
+                f"the score noise must be a number in (0, 1e9], got {self.score_noise}")
 
     @classmethod
     def from_mapping(cls, grid: Mapping[str, Sequence], **kwargs) -> TuningConfig:
@@ -100,7 +100,7 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
     from dprandp.data import load_dataset
     from dprandp.models import create_model
     from dprandp.pipeline.rundir import atomic_write_json, check_run_dir
-    from dprandp.pipeline.trainer import Plan, sample_rate_for, train
+    from dprandp.pipeline.trainer import Plan, build_model, resolve_device, sample_rate_for, train
 
     log = log or (lambda msg: None)
     out = Path(out)
@@ -118,6 +118,10 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
         data = load_dataset(base.dataset, base.data, val_fraction=base.val_fraction, val_seed=base.seed)
     require(data.x_val is not None and len(data.x_val) > 0,
             "tuning scores runs on a validation split: pass --val-fraction (e.g. 0.1)")
+    # What every run would fail on (the device, the prior) is refused now, before any budget is spent:
+    # inside the search a failed run only counts as one that lost.
+    resolve_device(base.device)
+    build_model(base, data.num_classes)
     shape = Plan(num_train=data.num_train, sample_rate=sample_rate_for(base, data.num_train), noise_multiplier=0.0,
                  planned_epsilon=0.0)
     phases = shape.phases(base)
