@@ -56,6 +56,8 @@ def files(tmp_path_factory):
     (d / "badmodel.pt").write_bytes(b"\x80\x02garbage")
     np.save(d / "store.npy", np.zeros((8, 16, 16, 3), np.uint8))
     f["store"] = str(d / "store.npy")
+    (d / "npy_as.npz").write_bytes((d / "store.npy").read_bytes())
+    f["npy_as_npz"] = str(d / "npy_as.npz")
     (d / "broken.png").write_bytes(b"\x89PNG but not really")
     return f
 
@@ -158,6 +160,10 @@ CASES = {
     "predict: an unknown device": lambda f: predict_cmd(f, f["store"], "--device", "tpu"),
     "pretrain: output under a file": lambda f: pretrain_cmd(f, "--out", str(f["dir"] / "a_file" / "p.pt")),
     "pretrain: negative seed": lambda f: pretrain_cmd(f, "--seed", "-1"),
+    "train: an .npy renamed .npz": lambda f: train_cmd(f, f["npy_as_npz"]),
+    "predict: an .npy renamed .npz": lambda f: predict_cmd(f, f["npy_as_npz"]),
+    "pretrain: a text file as the store": lambda f: pretrain_cmd(f)[:1] + ["--images", str(f["dir"] / "a_file")]
+    + pretrain_cmd(f)[3:],
     "predict: --out is the --images file": lambda f: predict_cmd(f, f["store"], "--out", f["store"], "--overwrite"),
     "predict: --out is the model": lambda f: predict_cmd(f, f["store"], "--out", str(f["dir"] / "model3.pt"),
                                                          "--overwrite"),

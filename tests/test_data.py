@@ -162,7 +162,7 @@ def test_cifar_labels_beyond_ten_are_refused(tmp_path):
 
 def test_corrupt_and_missing_files(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
-    with pytest.raises(InputError, match="not a readable"):
+    with pytest.raises(InputError, match="is not a .npz file"):
         load_dataset("npz", str(tmp_path / "junk.npz"))
     good = write_npz(tmp_path / "good.npz", **cifar_like())
     data = Path(good).read_bytes()

@@ -37,11 +37,35 @@ def default_data_root() -> Path:
     return Path(os.environ.get("DPRANDP_DATA", Path.home() / ".cache" / "dprandp"))
 
 
+_MAGIC = {b"PK\x03\x04": "npz", b"PK\x05\x06": "npz", b"\x93NUM": "npy"}
+
+
+def numpy_file_kind(path: str | os.PathLike) -> str | None:
+    """``"npz"`` (a zip archive), ``"npy"`` (one array) or None, from the file's first bytes."""
+    try:
+        with open(path, "rb") as f:
+            return _MAGIC.get(f.read(4))
+    except OSError:
+        return None
+
+
+def require_numpy_file(path: str | os.PathLike, kind: str, what: str) -> None:
+    """Refuse, with one line, a file that is not a NumPy ``kind`` file (before numpy would try to unpickle it)."""
+    found = numpy_file_kind(path)
+    if found == kind:
+        return
+    if found is not None:
+        raise InputError(f"{what} file {path} is a .{found} file, not a .{kind} "
+                         f"({'numpy.savez writes an .npz archive' if kind == 'npz' else 'numpy.save writes a .npy array'})")
+    raise InputError(f"{what} file {path} is not a .{kind} file (it does not start like one)")
+
+
 def read_npz(path: str | os.PathLike, *, required: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` (no pickle), refusing a missing, corrupt or incomplete file."""
     p = Path(path)
     require(p.exists(), f"{what} file not found: {p}")
     require(p.is_file(), f"{what} path is not a file: {p}")
+    require_numpy_file(p, "npz", what)
     try:
         with np.load(p, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

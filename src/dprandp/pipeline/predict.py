@@ -50,7 +50,7 @@ def read_images(path: str | Path, *, key: str | None = None) -> tuple[tuple[str,
     image file, a ``.npy`` array or an ``.npz`` archive (``key``, else its only array or one of
     :data:`NPZ_IMAGE_KEYS`)."""
     from dprandp.data.base import to_uint8_nhwc
-    from dprandp.data.loaders import IMAGE_SUFFIXES, read_image_file, read_npz
+    from dprandp.data.loaders import IMAGE_SUFFIXES, read_image_file, read_npz, require_numpy_file
 
     p = Path(path)
     require(p.exists(), f"images not found: {p}")
@@ -72,6 +72,7 @@ def read_images(path: str | Path, *, key: str | None = None) -> tuple[tuple[str,
         x = arrays[chosen]
     else:
         require(key is None, "--key applies to an .npz archive, not to a .npy array")
+        require_numpy_file(p, "npy", "images")
         try:
             x = np.load(p, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:

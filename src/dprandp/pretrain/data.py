@@ -56,6 +56,9 @@ def open_store(path: str | os.PathLike) -> ArrayStore:
     """Memory-map and validate a ``.npy`` store written by ``dprandp generate`` (or anything else)."""
     path = Path(path)
     require(path.is_file(), f"image store {str(path)!r} does not exist")
+    from dprandp.data.loaders import require_numpy_file
+
+    require_numpy_file(path, "npy", "image store")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
