@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 from pipeline_helpers import make_prior, tiny_flags, tiny_npz
 
@@ -56,6 +57,10 @@ def files(tmp_path_factory):
     (d / "badmodel.pt").write_bytes(b"\x80\x02garbage")
     np.save(d / "store.npy", np.zeros((8, 16, 16, 3), np.uint8))
     f["store"] = str(d / "store.npy")
+    nan_prior = torch.load(f["prior"], weights_only=True)
+    next(iter(nan_prior["trunk"].values())).fill_(float("nan"))
+    torch.save(nan_prior, d / "nanprior.pt")
+    f["nanprior"] = str(d / "nanprior.pt")
     (d / "npy_as.npz").write_bytes((d / "store.npy").read_bytes())
     f["npy_as_npz"] = str(d / "npy_as.npz")
     (d / "broken.png").write_bytes(b"\x89PNG but not really")
@@ -160,6 +165,10 @@ CASES = {
     "predict: an unknown device": lambda f: predict_cmd(f, f["store"], "--device", "tpu"),
     "pretrain: output under a file": lambda f: pretrain_cmd(f, "--out", str(f["dir"] / "a_file" / "p.pt")),
     "pretrain: negative seed": lambda f: pretrain_cmd(f, "--seed", "-1"),
+    "train: a prior with non-finite weights": lambda f: train_cmd(f, prior="nanprior"),
+    "tune: a prior with non-finite weights": lambda f: tune_cmd(f, "--grid", "lr-phase3=1,2", "--prior", f["nanprior"]),
+    "pretrain: an infinite lr": lambda f: pretrain_cmd(f, "--lr-per-256", "inf"),
+    "pretrain: a seed above 2**63": lambda f: pretrain_cmd(f, "--seed", "99999999999999999999999"),
     "train: an .npy renamed .npz": lambda f: train_cmd(f, f["npy_as_npz"]),
     "predict: an .npy renamed .npz": lambda f: predict_cmd(f, f["npy_as_npz"]),
     "pretrain: a text file as the store": lambda f: pretrain_cmd(f)[:1] + ["--images", str(f["dir"] / "a_file")]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dprandp.errors import InputError
+from dprandp.errors import InputError, require
 
 PRIOR_FORMAT = "dprandp-prior/1"
 STATE_FORMAT = "dprandp-pretrain-state/1"
@@ -146,6 +146,9 @@ def apply_prior(model, path_or_prior) -> list[str]:
         trunk, meta = path_or_prior
         where = "prior"
     check_architecture(model.config.to_dict(), meta.get("wrn_config", {}), where)
+    bad = [k for k, v in trunk.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    require(not bad, f"{where} holds non-finite weights ({', '.join(bad[:2])}{', ...' if len(bad) > 2 else ''}): "
+            "its Phase I diverged; pretrain it again with a lower learning rate")
     try:
         model.trunk.load_state_dict(trunk, strict=True)
     except RuntimeError as exc:

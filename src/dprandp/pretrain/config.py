@@ -13,6 +13,7 @@ changing ``epochs`` scales them, as the paper's schedule would.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from dprandp.errors import InputError, require
@@ -53,7 +54,11 @@ class PretrainConfig:
         require(self.image_size >= 8, f"image size must be >= 8 px, got {self.image_size}")
         require(self.hidden >= 1 and self.out_dim >= 1, "head sizes must be positive")
         require(self.hidden % self.head_groups == 0, f"{self.head_groups} groups do not divide hidden={self.hidden}")
-        require(self.lr_per_256 > 0 and self.temperature > 0, "lr and temperature must be > 0")
+        require(all(math.isfinite(v) and 0 < v <= 1e6 for v in (self.lr_per_256, self.temperature)),
+                f"lr and temperature must be finite numbers in (0, 1e6], got {self.lr_per_256} and {self.temperature}")
+        require(self.seed < 2**63, f"seed must be below 2**63, got {self.seed}")
+        require(self.hidden <= 1 << 16 and self.out_dim <= 1 << 16,
+                f"head sizes above 65536 are refused, got hidden={self.hidden}, out_dim={self.out_dim}")
         require(self.crop_size % 4 == 0, f"crop size must be a multiple of 4, got {self.crop_size}")
         require(all(0 < m <= 1 for m in self.milestones), "milestones are fractions of the run in (0, 1]")
 

@@ -219,13 +219,14 @@ def pretrain(
         mean_loss = float(total.item() / steps)
         epoch_losses.append(mean_loss)
         done = epoch + 1
+        # A diverged epoch is never written: the prior and the state on disk stay those of the last good epoch.
+        require(np.isfinite(mean_loss), f"loss became {mean_loss} at epoch {done}; lower the learning rate "
+                "(this epoch was not written)")
         if ctx.is_main:
             _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, done,
                   train_seconds, epoch_losses, "bf16" if bf16 else "fp32")
         log(f"epoch {done}/{config.epochs}: loss {mean_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.4g}, "
             f"{steps * config.batch_size / seconds:.1f} img/s, {seconds:.0f} s")
-        if not np.isfinite(mean_loss):
-            raise InputError(f"loss became {mean_loss} at epoch {done}; lower the learning rate")
 
     dist.barrier()  # rank 0's prior is on disk before any rank returns (and, say, loads it)
     done = max(start_epoch, end_epoch)
