@@ -114,6 +114,10 @@ class TrainConfig:
         pos_int("eval_every", 0)
         for name in ("target_epsilon", "max_grad_norm", "lr_phase2", "lr_phase3"):
             pos_real(name)
+        for name in ("max_grad_norm", "lr_phase2", "lr_phase3"):  # float32 parameters: beyond this, inf
+            require(getattr(self, name) <= 1e30, f"{name.replace('_', '-')} must be at most 1e30, got {getattr(self, name)!r}")
+        pos_int("seed", 0)
+        require(self.seed < 2**63, f"seed must be below 2**63, got {self.seed}")
         pos_real("momentum", allow_zero=True)
         require(self.momentum < 1, f"momentum must be < 1, got {self.momentum}")
         require(0 < self.target_delta < 1, f"delta must be in (0, 1), got {self.target_delta}")
