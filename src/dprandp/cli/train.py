@@ -67,6 +67,7 @@ def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, au
     progress = progress_default(no_progress)
     if resume_dir is not None:
         given = [k for k, v in overrides.items() if v is not None] + (["prior"] if prior else []) + (["out"] if out else [])
+        given += [flag for flag, on in (("overwrite", overwrite), ("auto-resume", auto_resume)) if on]
         require(not given, f"--resume takes its settings from the run's config.json; drop {', '.join(sorted(given))}")
         result = resume(resume_dir, progress=progress, log=log)
     else:

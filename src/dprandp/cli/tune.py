@@ -77,8 +77,14 @@ def command(preset: str, prior: str | None, grid_specs, runs_mean: float, runs_s
     log = make_log(set_threads(threads))
     require(prior is not None, "--prior is required: a prior file from `dprandp pretrain`, or `none`")
     require(grid_specs, "--grid is required: at least one setting to search, e.g. --grid lr-phase3=1,2,4")
-    config = make_preset(preset, prior=None if prior.lower() == "none" else prior, **overrides_from(flags))
-    tuning = TuningConfig.from_mapping(parse_grid(grid_specs), repetitions=Repetitions(mean=runs_mean, shape=runs_shape),
+    overrides = overrides_from(flags)
+    grid = parse_grid(grid_specs)
+    both = sorted(name.replace("_", "-") for name in grid if overrides.get(name) is not None)
+    require(not both, f"--grid searches {', '.join(both)}: drop the fixed --{', --'.join(both)}")
+    config = make_preset(preset, prior=None if prior.lower() == "none" else prior, **overrides)
+    require(config.prior is not None or "lr_phase2" not in grid,
+            "--grid lr-phase2 without a prior searches a setting no run uses (there is no Phase II)")
+    tuning = TuningConfig.from_mapping(grid, repetitions=Repetitions(mean=runs_mean, shape=runs_shape),
                                        score_noise=SCORE_NOISE if score_noise is None else score_noise)
     out = out or Path("runs") / f"tune-{config.dataset}-{secrets.token_hex(4)}"  # no start time in the name
     record = tune(config, tuning, out=out, progress=progress_default(no_progress), log=log)

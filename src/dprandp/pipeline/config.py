@@ -211,6 +211,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     values.update(given)
     steps = values.get("steps", TrainConfig.steps)
     if share is not None:
+        require("phase2_steps" not in given, "give --phase2-steps or --phase2-share, not both")
         require(0 <= share <= 1, f"phase2-share must be in [0, 1], got {share}")
         values["phase2_steps"] = int(round(share * steps))
     elif "steps" in given and "phase2_steps" not in given:  # a new step count keeps the preset's split
