@@ -94,6 +94,20 @@ def test_resume_equals_uninterrupted(tmp_path):
         pretrain(PretrainConfig(**TINY, epochs=3, seed=3), images, out=tmp_path / "c.pt", progress=False, resume=True)
 
 
+def test_resume_on_other_images_is_refused(tmp_path):
+    """Same shape, same settings, other pictures: the state names the store it was trained on."""
+    from dprandp.pretrain import open_store
+
+    np.save(tmp_path / "one.npy", _images(40, seed=0))
+    np.save(tmp_path / "two.npy", _images(40, seed=1))
+    config = PretrainConfig(**TINY, epochs=2, seed=2)
+    pretrain(config, open_store(tmp_path / "one.npy"), out=tmp_path / "p.pt", progress=False, stop_after_epoch=1)
+    with pytest.raises(InputError, match="was trained on other images"):
+        pretrain(config, open_store(tmp_path / "two.npy"), out=tmp_path / "p.pt", progress=False, resume=True)
+    done = pretrain(config, open_store(tmp_path / "one.npy"), out=tmp_path / "p.pt", progress=False, resume=True)
+    assert done.epochs_done == 2
+
+
 class _Result:
     def __init__(self, returncode, stdout, stderr):
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr

@@ -167,6 +167,9 @@ def pretrain(
         diff = _config_diff(config.to_dict(), state["config"])
         require(not diff, f"checkpoint {str(state_file)!r} was made with different settings: "
                 + ", ".join(f"{k}={state['config'].get(k)!r} (now {config.to_dict().get(k)!r})" for k in diff))
+        then, now = state.get("source"), _source_identity(source)
+        require(then is None or then == now, f"checkpoint {str(state_file)!r} was trained on other images: "
+                f"{then} (now {now}); resume with the same --images or --process")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -237,6 +240,13 @@ def pretrain(
                           images_seen / elapsed if images_seen else float("nan"))
 
 
+def _source_identity(source) -> dict:
+    """What identifies the images of a run: the process and its seed, or the store's path and shape."""
+    d = source.describe()
+    keys = ("kind", "process", "num_images", "size", "seed") if d.get("kind") == "process" else ("kind", "path", "shape")
+    return {k: d.get(k) for k in keys}
+
+
 def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, epoch, train_seconds, epoch_losses,
           precision):
     """Training state first, then the prior: a crash in between leaves a state that is ahead, never behind."""
@@ -254,6 +264,7 @@ def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, confi
         "epoch": epoch,
         "train_seconds": train_seconds,
         "epoch_losses": list(epoch_losses),
+        "source": _source_identity(source),
     }, state_file)
     described = source.describe()
     store_meta = described.get("store_meta") or {}
