@@ -61,6 +61,10 @@ def files(tmp_path_factory):
     next(iter(nan_prior["trunk"].values())).fill_(float("nan"))
     torch.save(nan_prior, d / "nanprior.pt")
     f["nanprior"] = str(d / "nanprior.pt")
+    nan_model = torch.load(d / "model3.pt", weights_only=True)
+    next(iter(nan_model["state_dict"].values())).fill_(float("nan"))
+    torch.save(nan_model, d / "nanmodel.pt")
+    f["nanmodel"] = str(d / "nanmodel.pt")
     (d / "npy_as.npz").write_bytes((d / "store.npy").read_bytes())
     f["npy_as_npz"] = str(d / "npy_as.npz")
     (d / "broken.png").write_bytes(b"\x89PNG but not really")
@@ -170,6 +174,11 @@ CASES = {
     "train: --resume with --overwrite": lambda f: ["train", "--resume", str(f["dir"] / "existing_run"), "--overwrite"],
     "tune: a grid setting also fixed by its flag": lambda f: tune_cmd(f, "--grid", "lr-phase3=1,2", "--lr-phase3", "3"),
     "tune: a Phase II grid without a prior": lambda f: tune_cmd(f, "--grid", "lr-phase2=1,2", "--prior", "none"),
+    "train: a million threads": lambda f: train_cmd(f, "good", "--threads", "1000000"),
+    "pretrain: a trillion images": lambda f: ["pretrain", "--process", "spectrum", "--num", "1000000000000",
+                                              "--out", str(f["dir"] / "newprior.pt")],
+    "predict: a model with non-finite weights": lambda f: predict_cmd(f, f["store"], model=f["nanmodel"]),
+    "predict: --out under a file": lambda f: predict_cmd(f, f["store"], "--out", str(f["dir"] / "a_file" / "x.csv")),
     "train: an lr beyond float32": lambda f: train_cmd(f, "good", "--lr-phase3", "1e308"),
     "train: a clipping norm beyond float32": lambda f: train_cmd(f, "good", "--max-grad-norm", "1e308"),
     "train: a negative seed": lambda f: train_cmd(f, "good", "--seed", "-1"),
@@ -254,3 +263,9 @@ def test_an_input_inside_a_run_directory_that_overwrite_deletes_is_refused(files
               "--overwrite"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "lies inside the output directory" in err and snapshot(run) == before
+
+
+def test_resume_names_the_flags_to_drop(files, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(files["dir"] / "existing_run"), "--epsilon", "2", "--out", "x"])
+    assert "drop --epsilon, --out" in capsys.readouterr().err

@@ -24,7 +24,8 @@ def require(condition: bool, message: str) -> None:
 def check_writable(path: Path, what: str, overwrite: bool) -> None:
     """Refuse, with one line, to write ``path`` where it would fail or replace a file without ``overwrite``."""
     parent = path.parent if str(path.parent) else Path(".")
-    require(parent.is_dir(), f"{what} {path}: directory {parent} does not exist")
+    require(parent.is_dir(), f"{what} {path}: {parent} is not a directory" if parent.exists() else
+            f"{what} {path}: directory {parent} does not exist")
     require(os.access(parent, os.W_OK | os.X_OK), f"{what} {path}: directory {parent} is not writable")
     require(not path.is_dir(), f"{what} {path} is a directory")
     if path.exists():

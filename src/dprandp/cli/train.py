@@ -66,8 +66,13 @@ def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, au
     overrides = overrides_from(flags)
     progress = progress_default(no_progress)
     if resume_dir is not None:
-        given = [k for k, v in overrides.items() if v is not None] + (["prior"] if prior else []) + (["out"] if out else [])
-        given += [flag for flag, on in (("overwrite", overwrite), ("auto-resume", auto_resume)) if on]
+        from dprandp.cli.train_options import TRAIN_FLAGS
+
+        flag_of = {dest: flag for flag, dest, _ in TRAIN_FLAGS} | {"ema": "--no-ema", "deterministic_noise":
+                                                                    "--deterministic-noise"}
+        given = [flag_of.get(k, k) for k, v in overrides.items() if v is not None]
+        given += [flag for flag, on in (("--prior", prior), ("--out", out), ("--overwrite", overwrite),
+                                        ("--auto-resume", auto_resume)) if on]
         require(not given, f"--resume takes its settings from the run's config.json; drop {', '.join(sorted(given))}")
         result = resume(resume_dir, progress=progress, log=log)
     else:

@@ -126,7 +126,7 @@ def set_threads(threads: int | None) -> str | None:
     from dprandp.errors import require
 
     if threads is not None:
-        require(threads >= 1, f"--threads must be >= 1, got {threads}")
+        require(1 <= threads <= 1024, f"--threads must be in 1..1024, got {threads}")
         torch.set_num_threads(threads)
         return None
     try:

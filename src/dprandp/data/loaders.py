@@ -199,7 +199,7 @@ def read_image_file(path: Path) -> np.ndarray:
             im = im.convert("RGB")
             if im.size != (RESOLUTION, RESOLUTION):
                 im = im.resize((RESOLUTION, RESOLUTION), Image.BILINEAR, reducing_gap=None)
-            return np.asarray(im, dtype=np.uint8)
+            return np.array(im, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"cannot read image {path} ({type(exc).__name__})") from None
 

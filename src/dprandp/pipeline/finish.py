@@ -57,6 +57,9 @@ def load_model(path: str | Path, *, device: str = "auto"):
         raise InputError(f"model file {p} is unreadable ({type(exc).__name__})") from None
     require(isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT,
             f"{p} is not a dprandp model file (a prior or a training checkpoint? use RUN_DIR/model.pt)")
+    bad = [k for k, v in obj.get("state_dict", {}).items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    require(not bad, f"model file {p} holds non-finite weights ({', '.join(bad[:2])}): its training diverged")
     wrn = dict(obj["wrn_config"])
     wrn.pop("num_classes", None)
     model = create_model(obj["model"], num_classes=int(obj["num_classes"]), head_pool=int(wrn.get("head_pool", 1)))

@@ -50,7 +50,7 @@ class PretrainConfig:
         require(self.batch_size >= 2, f"batch size must be >= 2 (the loss compares samples), got {self.batch_size}")
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         require(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed}")
-        require(self.num_images >= 2, f"need at least 2 images, got {self.num_images}")
+        require(2 <= self.num_images <= 10**9, f"the number of images must be in 2..1e9, got {self.num_images}")
         require(self.image_size >= 8, f"image size must be >= 8 px, got {self.image_size}")
         require(self.hidden >= 1 and self.out_dim >= 1, "head sizes must be positive")
         require(self.hidden % self.head_groups == 0, f"{self.head_groups} groups do not divide hidden={self.hidden}")

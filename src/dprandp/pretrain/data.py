@@ -100,7 +100,7 @@ class ProcessSource:
 
 def process_source(name: str, num: int, *, size: int, seed: int, in_memory_bytes: int = 1 << 30, progress: bool = False):
     """A source for ``num`` images of process ``name``: rendered up front if they fit in memory."""
-    require(num >= 2, f"--num must be at least 2, got {num}")
+    require(2 <= num <= 10**9, f"--num must be in 2..1e9, got {num}")
     try:
         from dprandp import processes  # imported lazily: the generators are a separate module
     except ImportError:
