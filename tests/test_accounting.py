@@ -135,3 +135,26 @@ def test_epsilon_curve_is_monotone_and_ends_at_total():
     assert steps[0] == 0 and eps[0] == 0.0 and 200 in steps and steps[-1] == 1200
     assert all(a <= b + 1e-9 for a, b in zip(eps, eps[1:]))
     assert eps[-1] == pytest.approx(compute_epsilon(phases, target_delta=1e-5), rel=1e-9)
+
+
+@pytest.mark.parametrize("q,sigma,steps", [(0.5, 0.5, 100), (0.08, 1.5, 875), (0.08, 0.7, 875)])
+def test_large_epsilon_grid_keeps_the_fine_grid_answer(q, sigma, steps):
+    """Above epsilon ~ 2 the PLD grid coarsens with epsilon (memory and time grow with the loss range);
+    the answer must stay that of dp-accounting's own 1e-4 grid to 1e-4 relative, and above it or at it
+    within rounding (both are pessimistic upper bounds)."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    ref.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+    want = ref.get_epsilon(1e-5)
+    got = compute_epsilon([DPPhase(sample_rate=q, noise_multiplier=sigma, steps=steps)], target_delta=1e-5)
+    assert got == pytest.approx(want, rel=1e-4) and got >= want * (1 - 1e-6)
+
+
+def test_small_epsilon_uses_the_requested_grid_exactly():
+    """At the paper's setting (epsilon ~ 1) nothing changes: the 1e-4 grid itself."""
+    from dprandp.accounting import _pld_grid_scale
+
+    assert _pld_grid_scale([DPPhase(sample_rate=4096 / 50000, noise_multiplier=9.3, steps=875)], 1e-5) == 1.0
