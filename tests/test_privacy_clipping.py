@@ -206,6 +206,12 @@ def test_auto_falls_back_to_vmap_for_unknown_layers():
         clipped_grad_sum(model, x, y, max_grad_norm=0.5, method="layerwise")
 
 
+def vector_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n float64 vectors of 12 features and labels of 3 classes (fixed seed)."""
+    gen = torch.Generator().manual_seed(8)
+    return torch.randn(n, 12, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
 class BatchCentred(nn.Module):
     """Linear layers around a parameter-free cross-sample operation, invisible to a module scan."""
 
@@ -240,9 +246,7 @@ class RunningMean(nn.Module):
 def test_layerwise_refuses_a_forward_that_mixes_samples():
     """x - x.mean(0) makes each sample's gradient depend on the others, so clipping bounds nothing;
     the once-per-model check (sample 0 beside sample 1 against alone) refuses it before any sum."""
-    gen = torch.Generator().manual_seed(8)
-    x = torch.randn(5, 12, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (5,), generator=gen)
+    x, y = vector_batch(5)
     mixing = BatchCentred(centre=True).double()
     with pytest.raises(InputError, match="mixes the samples"):
         clipped_grad_sum(mixing, x, y, max_grad_norm=1.0, method="layerwise")
@@ -266,9 +270,7 @@ def test_layerwise_refuses_a_forward_that_mixes_samples():
 
 def test_layerwise_refuses_a_forward_that_updates_buffers():
     """Running statistics updated in forward would carry private data into the model without noise."""
-    gen = torch.Generator().manual_seed(8)
-    x = torch.randn(5, 12, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (5,), generator=gen)
+    x, y = vector_batch(5)
     model = RunningMean().double().train()
     with pytest.raises(InputError, match=r"updates its buffers \(running\)"):
         clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
@@ -290,9 +292,7 @@ class ReadsWeightDirectly(nn.Module):
 def test_a_parameter_read_outside_its_module_is_refused_not_taken_as_zero():
     """No hook sees ``norm.weight`` here, so the layer-wise rules would report its per-sample gradient
     as zero; they refuse instead, and the vmap method gets it right (against the loop)."""
-    gen = torch.Generator().manual_seed(8)
-    x = torch.randn(4, 12, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (4,), generator=gen)
+    x, y = vector_batch(4)
     model = ReadsWeightDirectly().double()
     with pytest.raises(InputError, match=r"norm\.weight, norm\.bias are read outside their module's forward"):
         clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
@@ -316,9 +316,7 @@ def test_a_check_that_fails_for_another_reason_is_run_again():
                 raise RuntimeError("transient")
             return super().forward(x)
 
-    gen = torch.Generator().manual_seed(8)
-    x = torch.randn(5, 12, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (5,), generator=gen)
+    x, y = vector_batch(5)
     model = FlakyMixing(centre=True).double()
     with pytest.raises(RuntimeError, match="transient"):
         clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
