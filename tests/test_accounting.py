@@ -158,3 +158,36 @@ def test_small_epsilon_uses_the_requested_grid_exactly():
     from dprandp.accounting import _pld_grid_scale
 
     assert _pld_grid_scale([DPPhase(sample_rate=4096 / 50000, noise_multiplier=9.3, steps=875)], 1e-5) == 1.0
+
+
+@pytest.mark.parametrize("q,sigma,steps", [(0.1, 1.0, 10**6), (0.01, 1.0, 10**5), (0.5, 0.5, 10**5), (0.08, 0.7, 875)])
+def test_pld_answer_is_never_looser_than_rdp(q, sigma, steps):
+    """Both are certified upper bounds; at huge epsilon a coarse PLD grid is the looser one, so the answer
+    is their minimum (before this, 0.1:1:1e6 gave 3.1e4 against RDP's 1.5e4)."""
+    phases = [DPPhase(sample_rate=q, noise_multiplier=sigma, steps=steps)]
+    pld = compute_epsilon(phases, target_delta=1e-5)
+    rdp = compute_epsilon(phases, target_delta=1e-5, accountant="rdp")
+    assert pld <= rdp * (1 + 1e-12)
+
+
+def test_very_long_compositions_answer_fast_with_the_rdp_bound():
+    """Past PLD_MAX_STEPS the PLD would take minutes (1e8 steps: ~10 min) for no tighter answer."""
+    import time
+
+    from dprandp.accounting import PLD_MAX_STEPS
+
+    phases = [DPPhase(sample_rate=0.001, noise_multiplier=10.0, steps=PLD_MAX_STEPS + 1),
+              DPPhase(sample_rate=0.001, noise_multiplier=10.0, steps=10**8)]
+    start = time.perf_counter()
+    eps = compute_epsilon(phases, target_delta=1e-5)
+    assert time.perf_counter() - start < 30
+    assert eps == compute_epsilon(phases, target_delta=1e-5, accountant="rdp")
+    assert 4 < eps < 6  # RDP 4.74 at 1e8 steps alone
+
+
+def test_steps_beyond_any_training_run_are_refused():
+    from dprandp.accounting import MAX_STEPS
+
+    DPPhase(sample_rate=0.1, noise_multiplier=1.0, steps=MAX_STEPS)
+    with pytest.raises(InputError, match="steps"):
+        DPPhase(sample_rate=0.1, noise_multiplier=1.0, steps=MAX_STEPS + 1)
