@@ -34,7 +34,8 @@ def parse_phase(text: str) -> DPPhase:
               help="sample rate, noise multiplier and number of steps of one DP-SGD phase; repeat to compose")
 @click.option("--delta", type=float, default=1e-5, show_default=True, help="target delta")
 @click.option("--accountant", type=click.Choice(ACCOUNTANTS), default="pld", show_default=True,
-              help="pld: tight certified upper bound (never above rdp; rdp past 1e6 steps); rdp: Renyi DP cross-check")
+              help="pld: tight certified upper bound (never above rdp; rdp past 1e6 steps); "
+                   "rdp: Renyi DP cross-check")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(phases: tuple[str, ...], delta: float, accountant: str, as_json: bool) -> None:
     """Epsilon spent by Poisson-subsampled Gaussian DP-SGD phases, composed."""
