@@ -116,9 +116,7 @@ def compute_epsilon(
         return 0.0
     if any(isinstance(p.dp_event(), dp_accounting.NonPrivateDpEvent) for p in phases):
         return math.inf
-    if accountant == "rdp":
-        return _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant)
-    if sum(p.steps for p in phases) > PLD_MAX_STEPS:
+    if accountant == "rdp" or sum(p.steps for p in phases) > PLD_MAX_STEPS:
         return _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant)
     estimate, rdp_bound = _epsilon_estimate(phases, target_delta)
     if rdp_bound is not None and rdp_bound / 2 > _MAX_GRID_SCALE:
