@@ -14,7 +14,19 @@ def dprandp(*args):
 def test_epsilon_json():
     r = dprandp("epsilon", "--phase", "0.08192:9.3:875", "--delta", "1e-5", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["epsilon"] == pytest.approx(0.978, abs=0.01)
+    out = json.loads(r.stdout)
+    assert out["epsilon"] == pytest.approx(0.978, abs=0.01) and out["bound"] == "pld"
+
+
+def test_epsilon_names_the_rdp_bound_when_it_answers_and_stays_quiet():
+    """Past 1e6 steps the PLD answer is the RDP bound: the output says so, and RDP's dropped-order
+    warnings (one absl line per order) stay out of stderr."""
+    r = dprandp("epsilon", "--phase", "0.1:1:2000000", "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    out = json.loads(r.stdout)
+    assert out["accountant"] == "pld" and out["bound"] == "rdp" and out["epsilon"] > 1e4
+    text = dprandp("epsilon", "--phase", "0.1:1:2000000")
+    assert "RDP bound" in text.stdout and text.stderr == ""
 
 
 def test_epsilon_two_phases_both_accountants():

@@ -15,6 +15,7 @@ loader. Poisson sampling is assumed: :mod:`dprandp.privacy.sampling` provides ex
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -107,30 +108,59 @@ def compute_epsilon(
 
     ``pld`` is the privacy-loss-distribution bound, or the RDP bound where that one is smaller
     (very large epsilon, where the PLD grid must be coarse) or the composition is longer than
-    :data:`PLD_MAX_STEPS`. Each is a certified upper bound, so their minimum is one too.
+    :data:`PLD_MAX_STEPS`. Each is a certified upper bound, so their minimum is one too;
+    :func:`epsilon_bound` also says which one answered.
     """
+    return epsilon_bound(phases, target_delta=target_delta, accountant=accountant,
+                         pld_discretization=pld_discretization)[0]
+
+
+def epsilon_bound(
+    phases: Sequence[DPPhase],
+    *,
+    target_delta: float,
+    accountant: str = "pld",
+    pld_discretization: float = PLD_FINE,
+) -> tuple[float, str]:
+    """:func:`compute_epsilon`, and the bound that gave it: ``"pld"`` or ``"rdp"``."""
     _check_delta(target_delta)
     _check_accountant(accountant)
     phases = list(phases)
     if all(isinstance(p.dp_event(), dp_accounting.NoOpDpEvent) for p in phases):
-        return 0.0
+        return 0.0, accountant
     if any(isinstance(p.dp_event(), dp_accounting.NonPrivateDpEvent) for p in phases):
-        return math.inf
+        return math.inf, accountant
     if accountant == "rdp" or sum(p.steps for p in phases) > PLD_MAX_STEPS:
-        return _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant)
+        return _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant), "rdp"
     estimate, rdp_bound = _epsilon_estimate(phases, target_delta)
     if rdp_bound is not None and rdp_bound / 2 > _MAX_GRID_SCALE:
-        return rdp_bound  # no meaningful guarantee either way; a PLD this coarse is slower and looser
+        return rdp_bound, "rdp"  # no meaningful guarantee either way; a PLD this coarse is slower and looser
     scale = min(max(1.0, estimate / 2), _MAX_GRID_SCALE)
     pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=pld_discretization * scale)
     eps = _run_accountant(pld, phases, target_delta, accountant)
-    return min(eps, rdp_bound) if rdp_bound is not None else eps
+    if rdp_bound is not None and rdp_bound < eps:
+        return rdp_bound, "rdp"
+    return eps, "pld"
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """RDP drops the orders it cannot compute with an absl warning each; the answer says enough."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def _run_accountant(acc, phases: Sequence[DPPhase], target_delta: float, name: str) -> float:
     try:
-        acc.compose(composed_event(phases))
-        eps = float(acc.get_epsilon(target_delta))
+        with _quiet_absl():
+            acc.compose(composed_event(phases))
+            eps = float(acc.get_epsilon(target_delta))
     except (OverflowError, MemoryError):
         steps = sum(p.steps for p in phases)
         raise InputError(f"the {name} accountant cannot handle {steps} steps at these sample rates and noise "
@@ -173,18 +203,13 @@ def _epsilon_estimate(phases: Sequence[DPPhase], target_delta: float) -> tuple[f
     eps = mu * mu / 2 + mu * math.sqrt(2 * math.log(1 / target_delta))
     if eps <= 20:
         return eps, None
-    from absl import logging as absl_logging
-
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)  # RDP drops orders it cannot compute, noisily
     try:
-        rdp = rdp_privacy_accountant.RdpAccountant()
-        rdp.compose(composed_event(phases))
-        bound = float(rdp.get_epsilon(target_delta))
+        with _quiet_absl():
+            rdp = rdp_privacy_accountant.RdpAccountant()
+            rdp.compose(composed_event(phases))
+            bound = float(rdp.get_epsilon(target_delta))
     except (OverflowError, ValueError, ZeroDivisionError):
         return math.inf, None
-    finally:
-        absl_logging.set_verbosity(verbosity)
     return (bound, bound) if math.isfinite(bound) else (math.inf, None)
 
 

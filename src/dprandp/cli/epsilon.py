@@ -6,7 +6,7 @@ import math
 
 import click
 
-from dprandp.accounting import ACCOUNTANTS, DPPhase, compute_epsilon
+from dprandp.accounting import ACCOUNTANTS, DPPhase, epsilon_bound
 from dprandp.cli.options import emit_json
 from dprandp.errors import InputError
 
@@ -40,9 +40,10 @@ def parse_phase(text: str) -> DPPhase:
 def command(phases: tuple[str, ...], delta: float, accountant: str, as_json: bool) -> None:
     """Epsilon spent by Poisson-subsampled Gaussian DP-SGD phases, composed."""
     parsed = [parse_phase(p) for p in phases]
-    eps = compute_epsilon(parsed, target_delta=delta, accountant=accountant)
+    eps, bound = epsilon_bound(parsed, target_delta=delta, accountant=accountant)
+    steps = sum(p.steps for p in parsed)
     if as_json:
-        emit_json({"epsilon": eps, "delta": delta, "accountant": accountant,
-                   "steps": sum(p.steps for p in parsed)})
+        emit_json({"epsilon": eps, "delta": delta, "accountant": accountant, "bound": bound, "steps": steps})
     else:
-        click.echo(f"epsilon = {eps:.4f} at delta = {delta:g} ({accountant}, {sum(p.steps for p in parsed)} steps)")
+        source = accountant if bound == accountant else f"{accountant}: the {bound.upper()} bound, the smaller here"
+        click.echo(f"epsilon = {eps:.4f} at delta = {delta:g} ({source}, {steps} steps)")
