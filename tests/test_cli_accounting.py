@@ -56,6 +56,8 @@ def test_calibrate_json():
     (["epsilon", "--phase", "0.1:1:10", "--delta", "2"], "delta"),
     (["epsilon", "--phase", "0.1:1:10", "--accountant", "foo"], "accountant"),
     (["epsilon", "--phase", "0.1:1:1e30"], "steps"),
+    (["epsilon", "--phase", "1:1e-300:10"], "noise multiplier"),  # sigma**2 underflowed: a traceback
+    (["epsilon", "--phase", "0.5:1e300:10"], "noise multiplier"),  # sigma**2 overflowed: a traceback
     (["calibrate", "--epsilon", "1", "--sample-rate", "0.1", "--steps", "10000000000000"], "steps"),
     (["calibrate", "--epsilon", "1e9", "--sample-rate", "0.1", "--steps", "10"], "epsilon"),
     (["audit", "--epsilon", "1e9", "--steps", "1", "--canaries", "10"], "epsilon"),

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import dp_accounting
+import numpy as np
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
@@ -144,27 +145,32 @@ def epsilon_bound(
 
 
 @contextlib.contextmanager
-def _quiet_absl():
-    """RDP drops the orders it cannot compute with an absl warning each; the answer says enough."""
+def _quiet_accountant():
+    """RDP drops the orders it cannot compute with an absl warning each, and extreme noise makes
+    numpy warn of overflow; the answer (or the one-line error for a NaN) says enough."""
     from absl import logging as absl_logging
 
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        yield
+        with np.errstate(all="ignore"):
+            yield
     finally:
         absl_logging.set_verbosity(verbosity)
 
 
 def _run_accountant(acc, phases: Sequence[DPPhase], target_delta: float, name: str) -> float:
     try:
-        with _quiet_absl():
+        with _quiet_accountant():
             acc.compose(composed_event(phases))
             eps = float(acc.get_epsilon(target_delta))
-    except (OverflowError, MemoryError):
+    except (OverflowError, MemoryError, ValueError, ZeroDivisionError):
+        eps = math.nan
+    if math.isnan(eps):  # never let a NaN through: every comparison with it is False
         steps = sum(p.steps for p in phases)
-        raise InputError(f"the {name} accountant cannot handle {steps} steps at these sample rates and noise "
-                         "(out of range or out of memory); use fewer steps or more noise") from None
+        sigmas = sorted({p.noise_multiplier for p in phases})
+        raise InputError(f"the {name} accountant cannot compute epsilon for {steps} steps at noise multiplier(s) "
+                         f"{', '.join(f'{s:g}' for s in sigmas)} (out of numeric range or memory)")
     return max(eps, 0.0)
 
 
@@ -199,12 +205,13 @@ def _epsilon_estimate(phases: Sequence[DPPhase], target_delta: float) -> tuple[f
     if total == 0:
         return 0.0, None
     sigma = min(p.noise_multiplier for p in live)
-    mu = math.sqrt(total * math.expm1(min(1.0 / sigma**2, 700.0)))
+    exponent = 700.0 if sigma < 0.04 else 1.0 / sigma / sigma  # no overflow at sigma = 1e-300 or 1e300
+    mu = math.sqrt(total * math.expm1(exponent))
     eps = mu * mu / 2 + mu * math.sqrt(2 * math.log(1 / target_delta))
     if eps <= 20:
         return eps, None
     try:
-        with _quiet_absl():
+        with _quiet_accountant():
             rdp = rdp_privacy_accountant.RdpAccountant()
             rdp.compose(composed_event(phases))
             bound = float(rdp.get_epsilon(target_delta))
