@@ -191,3 +191,12 @@ def test_steps_beyond_any_training_run_are_refused():
     DPPhase(sample_rate=0.1, noise_multiplier=1.0, steps=MAX_STEPS)
     with pytest.raises(InputError, match="steps"):
         DPPhase(sample_rate=0.1, noise_multiplier=1.0, steps=MAX_STEPS + 1)
+
+
+def test_a_nan_epsilon_is_an_error_never_an_answer(monkeypatch):
+    """`eps > target` is False for NaN, so a NaN epsilon would pass any budget check."""
+    from dp_accounting.pld import pld_privacy_accountant
+
+    monkeypatch.setattr(pld_privacy_accountant.PLDAccountant, "get_epsilon", lambda self, delta: math.nan)
+    with pytest.raises(InputError, match="cannot compute epsilon"):
+        compute_epsilon([DPPhase(sample_rate=0.08, noise_multiplier=9.3, steps=875)], target_delta=1e-5)
