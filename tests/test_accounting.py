@@ -200,3 +200,14 @@ def test_a_nan_epsilon_is_an_error_never_an_answer(monkeypatch):
     monkeypatch.setattr(pld_privacy_accountant.PLDAccountant, "get_epsilon", lambda self, delta: math.nan)
     with pytest.raises(InputError, match="cannot compute epsilon"):
         compute_epsilon([DPPhase(sample_rate=0.08, noise_multiplier=9.3, steps=875)], target_delta=1e-5)
+
+
+def test_a_delta_below_the_pld_truncation_gets_the_rdp_bound_not_infinity():
+    """The PLD's truncated tails hold ~1e-15 of mass, so below that it answered epsilon = inf, and
+    calibrate called epsilon = 1 at delta = 1e-20 unreachable. RDP has no such floor."""
+    phases = [DPPhase(sample_rate=0.1, noise_multiplier=20.0, steps=10)]
+    eps = compute_epsilon(phases, target_delta=1e-20)
+    assert math.isfinite(eps) and eps == compute_epsilon(phases, target_delta=1e-20, accountant="rdp")
+    pld = calibrate_noise(target_epsilon=1.0, target_delta=1e-20, phases=phases)
+    rdp = calibrate_noise(target_epsilon=1.0, target_delta=1e-20, phases=phases, accountant="rdp")
+    assert pld.epsilon <= 1.0 and pld.noise_multiplier <= rdp.noise_multiplier * (1 + 2e-3)

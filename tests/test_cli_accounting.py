@@ -56,7 +56,7 @@ def test_calibrate_json():
     (["epsilon", "--phase", "0.1:1:10", "--delta", "2"], "delta"),
     (["epsilon", "--phase", "0.1:1:10", "--accountant", "foo"], "accountant"),
     (["epsilon", "--phase", "0.1:1:1e30"], "steps"),
-    (["epsilon", "--phase", "1:1e-300:10"], "noise multiplier"),  # sigma**2 underflowed: a traceback
+    (["calibrate", "--epsilon", "1", "--sample-rate", "1e-300", "--steps", "10"], "sample_rate"),  # hung
     (["epsilon", "--phase", "0.5:1e300:10"], "noise multiplier"),  # sigma**2 overflowed: a traceback
     (["calibrate", "--epsilon", "1", "--sample-rate", "0.1", "--steps", "10000000000000"], "steps"),
     (["calibrate", "--epsilon", "1e9", "--sample-rate", "0.1", "--steps", "10"], "epsilon"),
@@ -68,3 +68,10 @@ def test_bad_input_one_line_exit_2(args, fragment):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert fragment in lines[0] and "Traceback" not in r.stderr
+
+
+def test_a_vanishing_noise_multiplier_answers_infinity_quietly():
+    """sigma = 1e-300 raised a traceback (sigma**2 underflowed in the PLD grid estimate)."""
+    r = dprandp("epsilon", "--phase", "1:1e-300:10")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("epsilon = inf")

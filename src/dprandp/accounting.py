@@ -38,6 +38,10 @@ PLD_COARSE = 1e-3
 MAX_TARGET_EPSILON = 100.0
 
 
+#: The smallest nonzero sampling rate, B / N with B = 1 and N = 1e12: below it the PLD's calibration
+#: slows down without bound (1e-100: 22 s, 1e-300: minutes) for a question no dataset asks.
+MIN_SAMPLE_RATE = 1e-12
+
 #: More DP-SGD steps than any training run takes; the accountants' time and memory are bounded below it.
 MAX_STEPS = 10**9
 
@@ -52,8 +56,10 @@ class DPPhase:
 
     def __post_init__(self) -> None:
         require(
-            isinstance(self.sample_rate, (int, float)) and 0.0 <= self.sample_rate <= 1.0,
-            f"sample_rate must be in [0, 1], got {self.sample_rate}",
+            isinstance(self.sample_rate, (int, float))
+            and (self.sample_rate == 0.0 or MIN_SAMPLE_RATE <= self.sample_rate <= 1.0),
+            f"sample_rate must be 0 or in [{MIN_SAMPLE_RATE:g}, 1] (B / N for N up to 1e12 records), "
+            f"got {self.sample_rate}",
         )
         require(
             isinstance(self.noise_multiplier, (int, float))
@@ -134,11 +140,15 @@ def epsilon_bound(
     if accountant == "rdp" or sum(p.steps for p in phases) > PLD_MAX_STEPS:
         return _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant), "rdp"
     estimate, rdp_bound = _epsilon_estimate(phases, target_delta)
-    if rdp_bound is not None and rdp_bound / 2 > _MAX_GRID_SCALE:
-        return rdp_bound, "rdp"  # no meaningful guarantee either way; a PLD this coarse is slower and looser
-    scale = min(max(1.0, estimate / 2), _MAX_GRID_SCALE)
+    scale = _grid_scale(phases, estimate, pld_discretization)
+    if scale > _MAX_GRID_SCALE:  # epsilon in the 1e5s or almost no noise: a PLD this coarse is slow and loose
+        if rdp_bound is not None:
+            return rdp_bound, "rdp"
+        return _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant), "rdp"
     pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=pld_discretization * scale)
     eps = _run_accountant(pld, phases, target_delta, accountant)
+    if rdp_bound is None and math.isinf(eps):  # a delta below the PLD's truncated tail mass (~1e-15)
+        rdp_bound = _rdp_bound(phases, target_delta)
     if rdp_bound is not None and rdp_bound < eps:
         return rdp_bound, "rdp"
     return eps, "pld"
@@ -181,24 +191,40 @@ PLD_MAX_STEPS = 10**6
 #: The PLD grid never gets coarser than this many times the requested interval.
 _MAX_GRID_SCALE = 1e5
 
-
-def _pld_grid_scale(phases: Sequence[DPPhase], target_delta: float) -> float:
-    """How much coarser than requested the PLD grid is for this composition: max(1, eps / 2)."""
-    estimate, _ = _epsilon_estimate(phases, target_delta)
-    return min(max(1.0, estimate / 2), _MAX_GRID_SCALE)
+#: Grid points a single step's PLD may hold: a Gaussian step's privacy loss spans about
+#: 1 / (2 sigma^2), so at sigma = 1e-4 a 1e-4 grid would need 5e11 of them (and hang).
+_MAX_STEP_POINTS = 1e6
 
 
-def _epsilon_estimate(phases: Sequence[DPPhase], target_delta: float) -> tuple[float, float | None]:
-    """A cheap estimate of epsilon that sets the PLD grid, and the RDP bound where it was computed.
+def _pld_grid_scale(phases: Sequence[DPPhase], target_delta: float, interval: float = PLD_FINE) -> float:
+    """How much coarser than ``interval`` the PLD grid is for this composition."""
+    return min(_grid_scale(phases, _epsilon_estimate(phases, target_delta)[0], interval), _MAX_GRID_SCALE)
+
+
+def _grid_scale(phases: Sequence[DPPhase], estimate: float, interval: float) -> float:
+    """max(1, eps / 2), and coarse enough that one step's loss range fits in _MAX_STEP_POINTS;
+    above _MAX_GRID_SCALE the answer is the RDP bound instead.
 
     The PLD's memory and time grow with the range of privacy losses it must represent, so a
     large epsilon (tiny noise, many steps) on a 1e-4 grid can take minutes and gigabytes. Its
     error, though, is a fixed number of grid steps, so a grid proportional to epsilon keeps the
     relative error small (about 1e-5 measured at epsilon = 9 to 3500) and answers in
-    milliseconds. The estimate is the central-limit (mu-GDP) one, or the RDP bound where that
-    one is large (it fails at small noise). Any grid gives a certified upper bound (the
-    discretization is pessimistic), and so does RDP: the estimate decides only the grid, and
-    the answer is the smaller of two certified bounds.
+    milliseconds. Any grid gives a certified upper bound (the discretization is pessimistic):
+    the scale decides only how tight and how fast, never whether the answer is safe.
+    """
+    live = [p for p in phases if p.steps and p.sample_rate and p.noise_multiplier]
+    if not live:
+        return 1.0
+    inverse = 1.0 / min(p.noise_multiplier for p in live)
+    loss_range = inverse * inverse / 2 + 20 * inverse  # a Gaussian step's loss: its mean and 20 std
+    return max(1.0, estimate / 2, loss_range / (_MAX_STEP_POINTS * interval))
+
+
+def _epsilon_estimate(phases: Sequence[DPPhase], target_delta: float) -> tuple[float, float | None]:
+    """A cheap estimate of epsilon that sets the PLD grid, and the RDP bound where it was computed.
+
+    The central-limit (mu-GDP) estimate, or the RDP bound where that one is large (it fails at
+    small noise).
     """
     live = [p for p in phases if p.steps and p.sample_rate and p.noise_multiplier]
     total = sum(p.sample_rate**2 * p.steps for p in live)
@@ -210,14 +236,20 @@ def _epsilon_estimate(phases: Sequence[DPPhase], target_delta: float) -> tuple[f
     eps = mu * mu / 2 + mu * math.sqrt(2 * math.log(1 / target_delta))
     if eps <= 20:
         return eps, None
+    bound = _rdp_bound(phases, target_delta)
+    return (bound, bound) if bound is not None else (math.inf, None)
+
+
+def _rdp_bound(phases: Sequence[DPPhase], target_delta: float) -> float | None:
+    """The RDP accountant's epsilon, or None where it cannot compute one."""
     try:
         with _quiet_accountant():
             rdp = rdp_privacy_accountant.RdpAccountant()
             rdp.compose(composed_event(phases))
             bound = float(rdp.get_epsilon(target_delta))
     except (OverflowError, ValueError, ZeroDivisionError):
-        return math.inf, None
-    return (bound, bound) if math.isfinite(bound) else (math.inf, None)
+        return None
+    return bound if math.isfinite(bound) else None
 
 
 @dataclass(frozen=True)
@@ -273,6 +305,11 @@ def calibrate_noise(
     coarse = PLD_COARSE if accountant == "pld" else PLD_FINE
     guess = _gdp_noise_guess(target_epsilon, target_delta, phases)
     lo, hi = _bracket(lambda s: excess(s, coarse)[0], guess)
+    if lo == hi:  # the target holds at a noise multiplier below 1e-4 (a vanishing sampling rate)
+        eps = excess(lo, PLD_FINE)[1]
+        if eps > target_epsilon:  # pragma: no cover - defensive: the coarse grid is the more pessimistic
+            raise RuntimeError("calibration failed to stay within the target epsilon")
+        return Calibration(noise_multiplier=lo, epsilon=eps)
     if accountant == "pld":
         lo, hi = _illinois(lambda s: excess(s, coarse)[0], lo, hi, 2e-2)
         # The coarse grid is pessimistic: hi stays feasible on the fine grid, but lo may not be
@@ -316,7 +353,7 @@ def _bracket(f, start: float, step: float = 1.1) -> tuple[float, float]:
         hi, lo = start, start / step
         while f(lo) <= 0:
             if lo < 1e-4:
-                return lo, hi
+                return lo, lo  # feasible at almost no noise: no root to refine
             hi, lo, step = lo, lo / step, step * step
         return lo, hi
     lo, hi = start, start * step
