@@ -114,9 +114,10 @@ def compute_epsilon(
     """Epsilon at ``target_delta`` of the composition of ``phases`` (``inf`` if non-private).
 
     ``pld`` is the privacy-loss-distribution bound, or the RDP bound where that one is smaller
-    (very large epsilon, where the PLD grid must be coarse) or the composition is longer than
-    :data:`PLD_MAX_STEPS`. Each is a certified upper bound, so their minimum is one too;
-    :func:`epsilon_bound` also says which one answered.
+    (very large epsilon, where the PLD grid must be coarse; a delta below the PLD's truncated
+    tail mass) or the PLD would be too slow (more than :data:`PLD_MAX_STEPS` steps, almost no
+    noise). Each is a certified upper bound, so their minimum is one too; :func:`epsilon_bound`
+    also says which one answered.
     """
     return epsilon_bound(phases, target_delta=target_delta, accountant=accountant,
                          pld_discretization=pld_discretization)[0]
