@@ -147,7 +147,13 @@ def epsilon_bound(
             return rdp_bound, "rdp"
         return _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant), "rdp"
     pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=pld_discretization * scale)
-    eps = _run_accountant(pld, phases, target_delta, accountant)
+    try:
+        eps = _run_accountant(pld, phases, target_delta, accountant)
+    except InputError:  # out of the PLD's numeric range (e.g. sigma = 1e300): RDP may still answer
+        rdp_bound = rdp_bound if rdp_bound is not None else _rdp_bound(phases, target_delta)
+        if rdp_bound is None:
+            raise
+        return rdp_bound, "rdp"
     if rdp_bound is None and math.isinf(eps):  # a delta below the PLD's truncated tail mass (~1e-15)
         rdp_bound = _rdp_bound(phases, target_delta)
     if rdp_bound is not None and rdp_bound < eps:
