@@ -155,9 +155,10 @@ def test_large_epsilon_grid_keeps_the_fine_grid_answer(q, sigma, steps):
 
 def test_small_epsilon_uses_the_requested_grid_exactly():
     """At the paper's setting (epsilon ~ 1) nothing changes: the 1e-4 grid itself."""
-    from dprandp.accounting import _pld_grid_scale
+    from dprandp.accounting import PLD_FINE, _epsilon_estimate, _grid_scale
 
-    assert _pld_grid_scale([DPPhase(sample_rate=4096 / 50000, noise_multiplier=9.3, steps=875)], 1e-5) == 1.0
+    phases = [DPPhase(sample_rate=4096 / 50000, noise_multiplier=9.3, steps=875)]
+    assert _grid_scale(phases, _epsilon_estimate(phases, 1e-5)[0], PLD_FINE) == 1.0
 
 
 @pytest.mark.parametrize("q,sigma,steps", [(0.1, 1.0, 10**6), (0.01, 1.0, 10**5), (0.5, 0.5, 10**5), (0.08, 0.7, 875)])

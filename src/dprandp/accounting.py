@@ -143,9 +143,9 @@ def epsilon_bound(
     estimate, rdp_bound = _epsilon_estimate(phases, target_delta)
     scale = _grid_scale(phases, estimate, pld_discretization)
     if scale > _MAX_GRID_SCALE:  # epsilon in the 1e5s or almost no noise: a PLD this coarse is slow and loose
-        if rdp_bound is not None:
-            return rdp_bound, "rdp"
-        return _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant), "rdp"
+        if rdp_bound is None:
+            rdp_bound = _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant)
+        return rdp_bound, "rdp"
     pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=pld_discretization * scale)
     try:
         eps = _run_accountant(pld, phases, target_delta, accountant)
@@ -201,11 +201,6 @@ _MAX_GRID_SCALE = 1e5
 #: Grid points a single step's PLD may hold: a Gaussian step's privacy loss spans about
 #: 1 / (2 sigma^2), so at sigma = 1e-4 a 1e-4 grid would need 5e11 of them (and hang).
 _MAX_STEP_POINTS = 1e6
-
-
-def _pld_grid_scale(phases: Sequence[DPPhase], target_delta: float, interval: float = PLD_FINE) -> float:
-    """How much coarser than ``interval`` the PLD grid is for this composition."""
-    return min(_grid_scale(phases, _epsilon_estimate(phases, target_delta)[0], interval), _MAX_GRID_SCALE)
 
 
 def _grid_scale(phases: Sequence[DPPhase], estimate: float, interval: float) -> float:
