@@ -197,7 +197,6 @@ def test_steps_beyond_any_training_run_are_refused():
 def test_a_nan_epsilon_is_an_error_never_an_answer(monkeypatch):
     """`eps > target` is False for NaN, so a NaN epsilon would pass any budget check."""
     from dp_accounting.pld import pld_privacy_accountant
-
     from dp_accounting.rdp import rdp_privacy_accountant
 
     phases = [DPPhase(sample_rate=0.08, noise_multiplier=9.3, steps=875)]
