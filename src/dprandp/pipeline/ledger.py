@@ -238,13 +238,16 @@ class PrivacyLedger:
             return 0.0
         if any(p.noise_multiplier == 0 for p in phases) or self.accountant != "pld":
             return self.epsilon()
-        total = None
+        steps: dict[tuple[float, float], int] = {}  # one self-composition per mechanism, as in composed_event
         for p in phases:
             key = (p.sample_rate, p.noise_multiplier)
+            steps[key] = steps.get(key, 0) + p.steps
+        total = None
+        for key, count in steps.items():
             if key not in self._step_plds:
                 self._step_plds[key] = pld_lib.from_gaussian_mechanism(
-                    p.noise_multiplier, sampling_prob=p.sample_rate, value_discretization_interval=PLD_COARSE)
-            composed = self._step_plds[key].self_compose(p.steps)
+                    key[1], sampling_prob=key[0], value_discretization_interval=PLD_COARSE)
+            composed = self._step_plds[key].self_compose(count)
             total = composed if total is None else total.compose(composed)
         return max(0.0, float(total.get_epsilon_for_delta(self.target_delta)))
 
