@@ -269,3 +269,36 @@ def test_resume_names_the_flags_to_drop(files, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(files["dir"] / "existing_run"), "--epsilon", "2", "--out", "x"])
     assert "drop --epsilon, --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, size", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                  "you tried to allocate 96000000000 bytes. Error code 12 (Cannot allocate memory)"), "96 GB"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139 GiB"),
+     "2.00 GiB"),
+    (MemoryError(), None),
+])
+def test_out_of_memory_is_one_line_naming_the_memory_options(error, size, files, tmp_path, monkeypatch, capsys):
+    import dprandp.pipeline
+
+    def oom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dprandp.pipeline, "train", oom)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *tiny_flags(files["good"]), "--prior", "none", "--epsilon", "1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exc.value.code == 1 and len(lines) == 1 and lines[0].startswith("dprandp: error: out of memory"), err
+    assert "--physical-batch-size" in err and (size is None or f"allocation of {size}" in err)
+
+
+def test_an_internal_error_is_not_disguised_as_out_of_memory(files, tmp_path, monkeypatch):
+    import dprandp.pipeline
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(dprandp.pipeline, "train", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["train", *tiny_flags(files["good"]), "--prior", "none", "--epsilon", "1", "--out", str(tmp_path / "r")])

@@ -3,12 +3,14 @@
 Subcommands live in their own modules (``dprandp.cli.<name>``, attribute ``command``) and are
 imported only when used, so ``dprandp epsilon`` never pays for importing torch models.
 Every user error, from click's parsing or from the library (:class:`~dprandp.errors.InputError`),
-ends as one line on stderr and exit status 2, never a traceback.
+ends as one line on stderr and exit status 2, never a traceback; running out of memory ends as
+one line naming the options that size the memory, and exit status 1.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import click
@@ -67,6 +69,20 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _out_of_memory(exc: BaseException) -> str | None:
+    """One line for an allocation failure (host or accelerator), or None if ``exc`` is not one."""
+    text = str(exc)
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))):
+        return None
+    size = re.search(r"allocate (\d+) bytes", text)  # the CPU allocator
+    cuda = re.search(r"allocate (\d+(?:\.\d+)? [KMGT]iB)", text)  # CUDA's caching allocator
+    wanted = f" (an allocation of {int(size.group(1)) / 1e9:.3g} GB)" if size else (
+        f" (an allocation of {cuda.group(1)})" if cuda else "")
+    return (f"out of memory{wanted}: lower --physical-batch-size (samples whose per-sample gradients are held at once), "
+            "--augmult or --batch-size; a DP run directory keeps its checkpoint and ledger for --resume")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="dprandp", standalone_mode=False)
@@ -85,5 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except BrokenPipeError:  # e.g. `dprandp ... | head`
         sys.exit(0)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        message = _out_of_memory(exc)
+        if message is None:
+            raise
+        fail(message, code=1)
     if isinstance(rv, int) and rv:
         sys.exit(rv)
