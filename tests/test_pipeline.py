@@ -288,3 +288,31 @@ def test_bf16_precision_trains_and_spends_the_same_budget(tmp_path, finished):
     assert result.summary["noise_multiplier"] == fp32.summary["noise_multiplier"]
     assert result.epsilon == fp32.epsilon
     assert 0.0 <= result.test_accuracy <= 1.0
+
+
+def test_no_flip_never_mirrors_a_training_view_and_reports_no_mirror_tta(tmp_path, monkeypatch):
+    """--no-flip (digits, text, X-rays with laterality): every view the DP steps see is an unmirrored
+    crop, and the summary carries no flip-TTA numbers (a mirror the model never saw is no augmentation)."""
+    import dprandp.pipeline.trainer as trainer_module
+    from dprandp.augment import random_crop_flip
+
+    calls = []
+
+    def recording(x, **kwargs):
+        calls.append(kwargs.get("flip", True))
+        return random_crop_flip(x, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "random_crop_flip", recording)
+    data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
+    result = train(tiny_config(data, prior, steps=3, phase2_steps=1, eval_every=0, flip=False), out=tmp_path / "run",
+                   progress=False)
+    assert calls and not any(calls)
+    assert result.summary["test_accuracy"] is not None and result.summary["test_accuracy_flip"] is None
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["flip"] is False
+
+
+def test_no_flip_flag_reaches_the_config():
+    from dprandp.cli.train_options import TRAIN_FLAGS, overrides_from
+
+    flags = {dest: None for _, dest, _ in TRAIN_FLAGS} | {"no_ema": False, "deterministic_noise": False, "no_flip": True}
+    assert overrides_from(flags)["flip"] is False and not preset("demo", **{"flip": False}).flip

@@ -76,6 +76,9 @@ def train_options(func):
     for flag, dest, kwargs in reversed(TRAIN_FLAGS):
         func = click.option(flag, dest, default=None, **kwargs)(func)
     func = click.option("--no-ema", "no_ema", is_flag=True, help="report the last iterate instead of the EMA")(func)
+    func = click.option("--no-flip", "no_flip", is_flag=True,
+                        help="never mirror training views (digits, text, X-rays with laterality: images whose "
+                             "mirror is another class)")(func)
     func = click.option("--deterministic-noise", is_flag=True,
                         help="derive DP noise and batch sampling from --seed (research reproducibility only; "
                              "default: OS entropy)")(func)
@@ -87,6 +90,8 @@ def overrides_from(kwargs: dict) -> dict:
     out = {dest: kwargs.pop(dest) for _, dest, _ in TRAIN_FLAGS}
     if kwargs.pop("no_ema"):
         out["ema"] = False
+    if kwargs.pop("no_flip"):
+        out["flip"] = False
     if kwargs.pop("deterministic_noise"):
         out["deterministic_noise"] = True
     return out

@@ -74,6 +74,9 @@ class TrainConfig:
     freeze_stages: int = 0
     momentum: float = 0.0
     ema: bool = True
+    # Training views are mirrored left-right with probability 1/2. False for images whose mirror
+    # image is another class or another anatomy (digits and text; X-rays with laterality).
+    flip: bool = True
     # Phase II inputs: "augmented" (K random crops per sample through the frozen trunk, as the
     # paper) or "cached" (the frozen trunk's pooled normalised features of each un-augmented image,
     # computed once; Phase II then costs a few small matrix products per step). Same mechanism and

@@ -363,7 +363,8 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
 
     def make_views(idx):
         idx = idx.to(device)
-        views = random_crop_flip(to_float(x_train[idx]), augmult=config.augmult, generator=gens["augment"])
+        views = random_crop_flip(to_float(x_train[idx]), augmult=config.augmult, generator=gens["augment"],
+                                 flip=config.flip)
         return views, y_train[idx]
 
     probe_config = dataclasses.replace(dp_config, augmult=1)
@@ -448,7 +449,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
 def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step: int, *, final: bool = False) -> dict:
     """Test (and validation) accuracy of the reported model: the EMA, or the model itself. The
     ``final`` evaluation also scores balanced accuracy and ROC-AUC (dprandp.pipeline.metrics),
-    each plain and with flip test-time augmentation (``*_flip``)."""
+    each plain and with flip test-time augmentation (``*_flip``; not with ``--no-flip``)."""
     from dprandp.pipeline.metrics import classification_metrics
 
     if ema is not None:
@@ -462,8 +463,10 @@ def _evaluate(model, ema, eval_model, data: ImageData, config: TrainConfig, step
         if not final:
             rec[f"{name}_accuracy"], _ = _accuracy_pair(eval_model, x, y, bs, with_flip=False)
             continue
-        plain, flip = image_logits(eval_model, x, bs, with_flip=True)
+        plain, flip = image_logits(eval_model, x, bs, with_flip=config.flip)  # no mirror TTA without mirrored views
         for suffix, logits in (("", plain), ("_flip", flip)):
+            if logits is None:
+                continue
             for metric, value in classification_metrics(logits, y, data.num_classes).items():
                 rec[f"{name}_{metric}{suffix}"] = value
     return rec
