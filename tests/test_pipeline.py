@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 def tiny_config(data, prior, **kw):
     base = dict(dataset="npz", data=data, model="wrn-10-1", prior=prior, batch_size=16, augmult=2,
                 physical_batch_size=16, steps=6, phase2_steps=2, target_epsilon=1.0, checkpoint_every=3,
-                eval_every=3, lr_phase2=2.0, lr_phase3=0.5)
+                eval_every=3, lr_phase2=2.0, lr_phase3=0.5, flip=True)  # the demo preset does not mirror (digits)
     base.update(kw)
     return preset("demo", **base)
 
@@ -290,7 +290,7 @@ def test_bf16_precision_trains_and_spends_the_same_budget(tmp_path, finished):
     assert 0.0 <= result.test_accuracy <= 1.0
 
 
-def test_no_flip_never_mirrors_a_training_view_and_reports_no_mirror_tta(tmp_path, monkeypatch):
+def test_no_flip_never_mirrors_a_training_view_and_reports_no_mirror_tta(tmp_path, monkeypatch, finished):
     """--no-flip (digits, text, X-rays with laterality): every view the DP steps see is an unmirrored
     crop, and the summary carries no flip-TTA numbers (a mirror the model never saw is no augmentation)."""
     import dprandp.pipeline.trainer as trainer_module
@@ -308,11 +308,15 @@ def test_no_flip_never_mirrors_a_training_view_and_reports_no_mirror_tta(tmp_pat
                    progress=False)
     assert calls and not any(calls)
     assert result.summary["test_accuracy"] is not None and result.summary["test_accuracy_flip"] is None
+    assert finished[1].summary["test_accuracy_flip"] is not None  # the same run with mirrored views has them
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["flip"] is False
 
 
 def test_no_flip_flag_reaches_the_config():
     from dprandp.cli.train_options import TRAIN_FLAGS, overrides_from
 
-    flags = {dest: None for _, dest, _ in TRAIN_FLAGS} | {"no_ema": False, "deterministic_noise": False, "no_flip": True}
-    assert overrides_from(flags)["flip"] is False and not preset("demo", **{"flip": False}).flip
+    flags = {dest: None for _, dest, _ in TRAIN_FLAGS} | {"no_ema": False, "deterministic_noise": False}
+    assert overrides_from(flags | {"flip": False})["flip"] is False
+    assert overrides_from(flags | {"flip": True})["flip"] is True
+    assert overrides_from(flags | {"flip": None})["flip"] is None  # not given: the preset decides
+    assert preset("demo", flip=True).flip and not preset("demo").flip and preset("cpu").flip

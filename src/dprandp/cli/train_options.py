@@ -76,9 +76,10 @@ def train_options(func):
     for flag, dest, kwargs in reversed(TRAIN_FLAGS):
         func = click.option(flag, dest, default=None, **kwargs)(func)
     func = click.option("--no-ema", "no_ema", is_flag=True, help="report the last iterate instead of the EMA")(func)
-    func = click.option("--no-flip", "no_flip", is_flag=True,
-                        help="never mirror training views (digits, text, X-rays with laterality: images whose "
-                             "mirror is another class)")(func)
+    func = click.option("--flip/--no-flip", "flip", default=None,
+                        help="mirror half the training views left-right (default: the preset's; the demo on digits "
+                             "does not) or never (digits, text, X-rays with laterality: images whose mirror is "
+                             "another class)")(func)
     func = click.option("--deterministic-noise", is_flag=True,
                         help="derive DP noise and batch sampling from --seed (research reproducibility only; "
                              "default: OS entropy)")(func)
@@ -90,8 +91,7 @@ def overrides_from(kwargs: dict) -> dict:
     out = {dest: kwargs.pop(dest) for _, dest, _ in TRAIN_FLAGS}
     if kwargs.pop("no_ema"):
         out["ema"] = False
-    if kwargs.pop("no_flip"):
-        out["flip"] = False
+    out["flip"] = kwargs.pop("flip")
     if kwargs.pop("deterministic_noise"):
         out["deterministic_noise"] = True
     return out
