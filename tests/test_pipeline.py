@@ -310,6 +310,7 @@ def test_no_flip_never_mirrors_a_training_view_and_reports_no_mirror_tta(tmp_pat
     assert result.summary["test_accuracy"] is not None and result.summary["test_accuracy_flip"] is None
     assert finished[1].summary["test_accuracy_flip"] is not None  # the same run with mirrored views has them
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["flip"] is False
+    assert "the training views were not mirrored" in (tmp_path / "run" / "report.html").read_text()
 
 
 def test_no_flip_flag_reaches_the_config():

@@ -144,7 +144,8 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
              "(mean recall over classes; MedMNIST's AUC)"),
             ("validation accuracy", _pct(s.get("val_accuracy"))),
             ("with flip test-time augmentation", f"test {_pct(s.get('test_accuracy_flip'))} · "
-             f"validation {_pct(s.get('val_accuracy_flip'))} (no privacy cost: post-processing)"),
+             f"validation {_pct(s.get('val_accuracy_flip'))} (no privacy cost: post-processing)"
+             if config.get("flip", True) else "not used: the training views were not mirrored (--no-flip)"),
             ("wall time (Phases II + III)", f"{s['wall_time_s'] / 60:.1f} min"),
             ("noise seeding", "fixed seed (--deterministic-noise): reproducible, NOT for production"
              if s["deterministic_noise"] else "OS entropy (secure default)"),
