@@ -90,7 +90,7 @@ def test_grid_pooled_head_through_the_pipeline(tmp_path, capsys):
     data, prior = tiny_npz(tmp_path / "t.npz"), make_prior(tmp_path / "p.pt")
     cfg = preset("demo", dataset="npz", data=data, model="wrn-10-1", prior=prior, batch_size=16, augmult=1,
                  physical_batch_size=16, steps=4, phase2_steps=2, noise_multiplier=2.0, target_epsilon=50.0,
-                 eval_every=0, checkpoint_every=100, head_pool=2, phase2_features="cached")
+                 eval_every=0, checkpoint_every=100, head_pool=2, phase2_features="cached", flip=True)
     res = train(cfg, out=tmp_path / "run", progress=False)
     model, meta = load_model(res.run_dir / "model.pt")
     assert model.head.fc.in_features == 64 * 4 and meta["wrn_config"]["head_pool"] == 2
