@@ -13,6 +13,7 @@ summed steps of the same mechanism.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -20,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._report import write_section  # noqa: E402
-from dprandp.accounting import DPPhase, calibrate_noise, compute_epsilon  # noqa: E402
+from bench._report import write_section
+from dprandp.accounting import DPPhase, calibrate_noise, compute_epsilon
 
 DELTA = 1e-5
 #: name -> (sample rate, steps per phase, targets: None = --targets)
@@ -55,9 +56,10 @@ def main() -> None:
     for name, (q, steps, targets) in WORKLOADS.items():
         phases = [DPPhase(sample_rate=q, noise_multiplier=1.0, steps=t) for t in steps]
         for eps in targets or args.targets:
-            ours, t_ours = timed(lambda: calibrate_noise(target_epsilon=eps, target_delta=DELTA, phases=phases),
-                                 args.repeats)
-            theirs, t_theirs = timed(lambda: find_noise_multiplier(q, sum(steps), eps, DELTA, eps_error=0.01), 1)
+            ours, t_ours = timed(functools.partial(calibrate_noise, target_epsilon=eps, target_delta=DELTA,
+                                                   phases=phases), args.repeats)
+            theirs, t_theirs = timed(functools.partial(find_noise_multiplier, q, sum(steps), eps, DELTA,
+                                                       eps_error=0.01), 1)
             # Independent check of their answer with our accountant (PLD, certified upper bound).
             eps_of_theirs = compute_epsilon([p.with_noise(theirs) for p in phases], target_delta=DELTA)
             rows.append((name, q, steps, eps, ours.noise_multiplier, ours.epsilon, t_ours, theirs, eps_of_theirs,
@@ -67,11 +69,11 @@ def main() -> None:
     lines = [
         "## Accounting: noise calibration (issue 2)",
         "",
-        f"delta = {DELTA:g}. dprandp: `calibrate_noise` (PLD, rtol 1e-3, median of {args.repeats}); "
-        "prv-accountant 0.2: `find_noise_multiplier(eps_error=0.01)` (one run) on the summed steps.",
+        (f"delta = {DELTA:g}. dprandp: `calibrate_noise` (PLD, rtol 1e-3, median of {args.repeats}); "
+         "prv-accountant 0.2: `find_noise_multiplier(eps_error=0.01)` (one run) on the summed steps."),
         "",
-        "| workload | q | steps | target ε | dprandp σ | its ε (PLD) | dprandp time | prv σ | PLD ε of prv σ | prv time "
-        "| speed-up | σ ratio prv/dprandp |",
+        ("| workload | q | steps | target ε | dprandp σ | its ε (PLD) | dprandp time | prv σ | PLD ε of prv σ "
+         "| prv time | speed-up | σ ratio prv/dprandp |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, q, steps, eps, s1, e1, t1, s2, e2, t2 in rows:

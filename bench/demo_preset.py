@@ -72,9 +72,9 @@ def main() -> None:
     lines = [
         "## The `demo` preset on a validation split (bench/demo_preset.py)",
         "",
-        f"`dprandp run` on scikit-learn's digits (1,078 train, 270 validation, 449 test images), ε = 4, "
-        f"δ = 1e-5, 60 DP steps (30 + 30); seeds {', '.join(map(str, args.seeds))} (the seed sets the split, "
-        "the initialisation and the sampling; the noise comes from OS entropy). Final EMA model; mean ± std over seeds.",
+        (f"`dprandp run` on scikit-learn's digits (1,078 train, 270 validation, 449 test images), ε = 4, "
+         f"δ = 1e-5, 60 DP steps (30 + 30); seeds {', '.join(map(str, args.seeds))} (the seed sets the split, "
+         "the initialisation and the sampling; the noise comes from OS entropy). Final EMA model; mean ± std over seeds."),
         "",
         "| arm | flags of `dprandp run` | validation accuracy | test accuracy | Phase I (first run with it) | Phases II + III per run |",
         "| --- | --- | --- | --- | --- | --- |",
