@@ -321,3 +321,6 @@ def test_no_flip_flag_reaches_the_config():
     assert overrides_from(flags | {"flip": True})["flip"] is True
     assert overrides_from(flags | {"flip": None})["flip"] is None  # not given: the preset decides
     assert preset("demo", flip=True).flip and not preset("demo").flip and preset("cpu").flip
+    # digits is never mirrored unless asked, whatever the preset; other datasets are unless told not to
+    assert not preset("cpu", dataset="digits").flip and preset("cpu", dataset="digits", flip=True).flip
+    assert preset("demo", dataset="npz").flip and not preset("cpu", dataset="cifar10", flip=False).flip

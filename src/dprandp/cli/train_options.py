@@ -77,9 +77,8 @@ def train_options(func):
         func = click.option(flag, dest, default=None, **kwargs)(func)
     func = click.option("--no-ema", "no_ema", is_flag=True, help="report the last iterate instead of the EMA")(func)
     func = click.option("--flip/--no-flip", "flip", default=None,
-                        help="mirror half the training views left-right (default: the preset's; the demo on digits "
-                             "does not) or never (digits, text, X-rays with laterality: images whose mirror is "
-                             "another class)")(func)
+                        help="mirror half the training views left-right (default, except on digits) or never "
+                             "(digits, text, X-rays with laterality: images whose mirror is another class)")(func)
     func = click.option("--deterministic-noise", is_flag=True,
                         help="derive DP noise and batch sampling from --seed (research reproducibility only; "
                              "default: OS entropy)")(func)
