@@ -13,6 +13,7 @@ accounted with RDP, a few percent looser than the PLD epsilon of one run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 
@@ -70,6 +71,7 @@ def calibrate_tuning_noise(*, target_epsilon: float, target_delta: float, phases
     phases = list(phases)
     require(any(p.steps and p.sample_rate for p in phases), "at least one DP step is needed to calibrate noise")
 
+    @functools.cache  # the bracket's ends are evaluated again by the root finder and at the end
     def eps(sigma: float) -> float:
         return tuning_epsilon([p.with_noise(sigma) for p in phases], score_noise=score_noise,
                               repetitions=repetitions, target_delta=target_delta)
