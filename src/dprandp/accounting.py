@@ -111,11 +111,17 @@ def composed_event(phases: Iterable[DPPhase]) -> dp_accounting.DpEvent:
     loss, and the PLD builds it in one self-composition instead of one per phase plus a
     convolution of the results (DP-RandP's Phases II and III share q and sigma: 2x faster).
     """
+    events = [_dpsgd_event(q, sigma, t) for (q, sigma), t in steps_by_mechanism(phases).items()]
+    return dp_accounting.ComposedDpEvent(events)
+
+
+def steps_by_mechanism(phases: Iterable[DPPhase]) -> dict[tuple[float, float], int]:
+    """{(sample rate, noise multiplier): total steps}: the phases grouped by the mechanism they run."""
     steps: dict[tuple[float, float], int] = {}
     for phase in phases:
         key = (phase.sample_rate, phase.noise_multiplier)
         steps[key] = steps.get(key, 0) + phase.steps
-    return dp_accounting.ComposedDpEvent([_dpsgd_event(q, sigma, t) for (q, sigma), t in steps.items()])
+    return steps
 
 
 def compute_epsilon(
@@ -312,25 +318,21 @@ def calibrate_noise(
         return Calibration(noise_multiplier=0.0, epsilon=0.0)
 
     @functools.cache  # the bracket's ends are evaluated again by the root finder and at the end
-    def excess(sigma: float, grid: float) -> tuple[float, float]:
-        """(log eps - log target, eps): <= 0 means feasible."""
-        eps = compute_epsilon(
-            [p.with_noise(sigma) for p in phases],
-            target_delta=target_delta,
-            accountant=accountant,
-            pld_discretization=grid,
-        )
+    def excess(sigma: float) -> tuple[float, float]:
+        """(log eps - log target, eps) on the reporting grid: <= 0 means feasible."""
+        eps = compute_epsilon([p.with_noise(sigma) for p in phases], target_delta=target_delta,
+                              accountant=accountant, pld_discretization=PLD_FINE)
         return (math.log(eps) - math.log(target_epsilon) if eps > 0 else -math.inf), eps
 
     def f(sigma: float) -> float:
-        return excess(sigma, PLD_FINE)[0]
+        return excess(sigma)[0]
 
     guess = _gdp_noise_guess(target_epsilon, target_delta, phases)
     lo, hi = _bracket(f, guess, step=1.05)
     if lo < hi:  # else the target holds at a noise multiplier below 1e-4 (a vanishing sampling rate)
         lo, hi = _illinois(f, lo, hi, rtol)
     sigma = hi
-    eps = excess(sigma, PLD_FINE)[1]
+    eps = excess(sigma)[1]
     if eps > target_epsilon:  # pragma: no cover - defensive: hi is kept feasible throughout
         raise RuntimeError("calibration failed to stay within the target epsilon")
     return Calibration(noise_multiplier=sigma, epsilon=eps)

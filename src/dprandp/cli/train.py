@@ -68,7 +68,7 @@ def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, au
     if resume_dir is not None:
         from dprandp.cli.train_options import TRAIN_FLAGS
 
-        flag_of = {dest: flag for flag, dest, _ in TRAIN_FLAGS} | {"ema": "--no-ema", "flip": "--flip/--no-flip", "deterministic_noise":
+        flag_of = {dest: flag for flag, dest, _ in TRAIN_FLAGS} | {"ema": "--no-ema", "deterministic_noise":
                                                                     "--deterministic-noise"}
         given = [flag_of.get(k, k) for k, v in overrides.items() if v is not None]
         given += [flag for flag, on in (("--prior", prior), ("--out", out), ("--overwrite", overwrite),

@@ -62,6 +62,7 @@ TRAIN_FLAGS = [
     ("--freeze-stages", "freeze_stages", dict(type=int, callback=_int_at_least("--freeze-stages", 0), help="Phase III keeps the trunk's first k stages frozen (0: fine-tune all, the paper; frozen stages cost no backward pass)")),
     ("--phase2-features", "phase2_features", dict(type=click.Choice(["augmented", "cached"]), help="Phase II inputs: K augmented views through the frozen trunk (paper) or its features of the un-augmented images, computed once (much faster)")),
     ("--precision", "precision", dict(type=click.Choice(PRECISIONS), help="forward/backward arithmetic of the DP steps: fp32 (default) or bf16 autocast (CUDA, CPUs with native bf16); clipping, sums and noise stay float32")),
+    ("--flip/--no-flip", "flip", dict(help="mirror half the training views left-right (default, except on digits) or never (digits, text, X-rays with laterality: images whose mirror is another class)")),
     ("--momentum", "momentum", dict(type=float, callback=_positive("--momentum", allow_zero=True), help="SGD momentum (paper: 0)")),
     ("--device", "device", dict(type=str, help="auto (CUDA if available; default), cpu, cuda or cuda:N")),
     ("--physical-batch-size", "physical_batch_size", dict(type=int, callback=_int_at_least("--physical-batch-size", 1), help="samples per forward pass (memory only)")),
@@ -76,9 +77,6 @@ def train_options(func):
     for flag, dest, kwargs in reversed(TRAIN_FLAGS):
         func = click.option(flag, dest, default=None, **kwargs)(func)
     func = click.option("--no-ema", "no_ema", is_flag=True, help="report the last iterate instead of the EMA")(func)
-    func = click.option("--flip/--no-flip", "flip", default=None,
-                        help="mirror half the training views left-right (default, except on digits) or never "
-                             "(digits, text, X-rays with laterality: images whose mirror is another class)")(func)
     func = click.option("--deterministic-noise", is_flag=True,
                         help="derive DP noise and batch sampling from --seed (research reproducibility only; "
                              "default: OS entropy)")(func)
@@ -90,7 +88,6 @@ def overrides_from(kwargs: dict) -> dict:
     out = {dest: kwargs.pop(dest) for _, dest, _ in TRAIN_FLAGS}
     if kwargs.pop("no_ema"):
         out["ema"] = False
-    out["flip"] = kwargs.pop("flip")
     if kwargs.pop("deterministic_noise"):
         out["deterministic_noise"] = True
     return out

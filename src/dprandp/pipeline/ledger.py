@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dprandp.accounting import PLD_COARSE, DPPhase, compute_epsilon
+from dprandp.accounting import PLD_COARSE, DPPhase, compute_epsilon, steps_by_mechanism
 from dprandp.errors import InputError, require
 from dprandp.pipeline.rundir import fsync_dir as _fsync_dir
 
@@ -238,12 +238,8 @@ class PrivacyLedger:
             return 0.0
         if any(p.noise_multiplier == 0 for p in phases) or self.accountant != "pld":
             return self.epsilon()
-        steps: dict[tuple[float, float], int] = {}  # one self-composition per mechanism, as in composed_event
-        for p in phases:
-            key = (p.sample_rate, p.noise_multiplier)
-            steps[key] = steps.get(key, 0) + p.steps
         total = None
-        for key, count in steps.items():
+        for key, count in steps_by_mechanism(phases).items():  # one self-composition per mechanism
             if key not in self._step_plds:
                 self._step_plds[key] = pld_lib.from_gaussian_mechanism(
                     key[1], sampling_prob=key[0], value_discretization_interval=PLD_COARSE)
