@@ -12,7 +12,6 @@ accounted with RDP, a few percent looser than the PLD epsilon of one run.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from collections.abc import Sequence
 import dp_accounting
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dprandp.accounting import DPPhase, _bracket, _illinois, check_target_epsilon, composed_event
+from dprandp.accounting import DPPhase, _bracket, _illinois, _quiet_accountant, check_target_epsilon, composed_event
 from dprandp.errors import require
 from dprandp.tuning.repetitions import Repetitions
 
@@ -38,21 +37,9 @@ def selection_epsilon(base: dp_accounting.DpEvent, repetitions: Repetitions, *, 
     """Epsilon at ``target_delta`` of releasing the best of K runs of ``base`` (RDP accountant)."""
     require(isinstance(target_delta, (int, float)) and 0 < target_delta < 1, f"delta must be in (0, 1), got {target_delta}")
     accountant = rdp_privacy_accountant.RdpAccountant(neighboring_relation=neighboring)
-    with _quiet_absl():  # at large q some fractional orders do not converge; they are dropped (a looser bound)
+    with _quiet_accountant():  # at large q some fractional orders do not converge; they are dropped (a looser bound)
         accountant.compose(repetitions.dp_event(base))
         return max(float(accountant.get_epsilon(target_delta)), 0.0)
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    from absl import logging as absl_logging
-
-    before = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(before)
 
 
 def tuning_epsilon(phases: Sequence[DPPhase], *, score_noise: float, repetitions: Repetitions,
