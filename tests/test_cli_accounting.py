@@ -75,3 +75,24 @@ def test_a_vanishing_noise_multiplier_answers_infinity_quietly():
     r = dprandp("epsilon", "--phase", "1:1e-300:10")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.startswith("epsilon = inf")
+
+
+def test_json_output_is_strict_json_with_non_finite_numbers_as_strings(capsys):
+    """Python writes NaN/Infinity tokens that jq and other JSON readers reject; --json never does,
+    at any depth of the object."""
+    from dprandp.cli.options import emit_json
+
+    emit_json({"epsilon": float("inf"), "runs": [{"loss": float("nan")}, {"loss": 1.5}], "pair": (float("-inf"), 2)})
+    text = capsys.readouterr().out
+
+    def refuse(token):
+        raise ValueError(f"non-JSON token {token}")
+
+    out = json.loads(text, parse_constant=refuse)
+    assert out == {"epsilon": "inf", "runs": [{"loss": "nan"}, {"loss": 1.5}], "pair": ["-inf", 2]}
+
+
+def test_an_infinite_epsilon_is_the_string_inf_in_json():
+    r = dprandp("epsilon", "--phase", "1:1e-300:10", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["epsilon"] == "inf"

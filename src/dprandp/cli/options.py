@@ -9,14 +9,19 @@ import click
 
 
 def emit_json(obj: dict) -> None:
-    """Print one JSON object (NaN/inf written as strings so the output stays valid JSON)."""
+    """Print one strict JSON object: NaN and infinities, at any depth, are written as strings
+    ("nan", "inf", "-inf"), since the bare tokens Python would write are not JSON."""
 
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return str(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
         return v
 
-    click.echo(json.dumps({k: clean(v) for k, v in obj.items()}))
+    click.echo(json.dumps(clean(obj), allow_nan=False))
 
 
 def positive_float(name: str):
