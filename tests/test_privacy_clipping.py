@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from dprandp.errors import InputError
 from dprandp.models import create_model
-from dprandp.privacy import clipped_grad_sum
+from dprandp.privacy import clip_and_sum, clipped_grad_sum
 
 METHODS = ["layerwise", "vmap"]
 
@@ -300,6 +300,60 @@ def test_a_parameter_read_outside_its_module_is_refused_not_taken_as_zero():
     g, norms = clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="vmap")
     torch.testing.assert_close(norms, ref_norms)
     for n in g:
+        torch.testing.assert_close(g[n], ref_sum[n])
+
+
+class TiedWeights(nn.Module):
+    """Two Linear layers sharing one weight (``b.weight is a.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.fc(self.b(F.relu(self.a(x))))
+
+
+class ReadsCalledLayersBias(nn.Module):
+    """A Linear layer that is called, and whose bias the forward also reads directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Linear(12, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.a(x)) * self.a.bias)
+
+
+def test_a_weight_shared_by_two_layers_goes_to_vmap_not_to_rules_that_see_one_use():
+    """Each layer's rule sees only its own use of a shared weight, so the layer-wise sum would miss
+    the other use's part of the gradient: explicit layer-wise is refused, auto takes vmap, and that
+    matches the batch-size-1 loop."""
+    x, y = vector_batch(4)
+    model = TiedWeights().double()
+    with pytest.raises(InputError, match=r"b\.weight \(the parameter a\.weight, shared\)"):
+        clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
+    ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 1.0)
+    out = clip_and_sum(model, x, y, max_grad_norm=1.0, method="auto")
+    assert out.method == "vmap"
+    torch.testing.assert_close(out.per_sample_norms, ref_norms)
+    for n in ref_sum:
+        torch.testing.assert_close(out.grad_sum[n], ref_sum[n])
+
+
+def test_a_called_layers_parameter_also_read_directly_is_refused_by_the_autograd_check():
+    """No module scan can see ``self.a.bias`` read again in a custom forward; the once-per-model
+    check holds sample 0's layer-wise gradient to autograd's and refuses the mismatch (before this
+    check the bias gradient was silently off by 0.35 of 0.55). vmap gets it right."""
+    x, y = vector_batch(4)
+    model = ReadsCalledLayersBias().double()
+    with pytest.raises(InputError, match="differ from autograd's"):
+        clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
+    ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 1.0)
+    g, norms = clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="vmap")
+    torch.testing.assert_close(norms, ref_norms)
+    for n in ref_sum:
         torch.testing.assert_close(g[n], ref_sum[n])
 
 

@@ -108,6 +108,12 @@ def _check_samples_independent(model: nn.Module, inputs, targets, *, loss_fn, mu
     apart; float32. A buffer the forward pass changes (running statistics of a custom layer) would
     carry private data into the model without noise, so it is refused too, and restored. Costs
     two tiny passes. The model counts as checked only once the check has passed.
+
+    The same pass also checks the rules against autograd: sample 0's clipped gradient must equal
+    the clipped gradient autograd computes for its loss alone. The rules see a parameter only
+    through the forward hook of the module that owns it, so a weight shared by two modules, or a
+    parameter also read directly in a custom ``forward``, would silently lose part of its gradient
+    (clipping still bounds what is summed, but the model would learn from a wrong gradient).
     """
     _CHECKED_INDEPENDENT.add(model)  # also keeps the two passes below from re-entering the check
     try:
@@ -120,14 +126,16 @@ def _check_samples_independent(model: nn.Module, inputs, targets, *, loss_fn, mu
 def _run_independence_check(model: nn.Module, inputs, targets, *, loss_fn, multi_view) -> None:
     dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    norms = []
+    outs = []
     try:
         for m in dropouts:
             m.eval()
         kw = dict(max_grad_norm=1.0, loss_fn=loss_fn, multi_view=multi_view, method="layerwise", precision="fp32")
         for batch in (slice(0, 2), slice(0, 1)):
             with _same_random_draws(inputs.device):
-                norms.append(_clip_and_sum(model, inputs[batch], targets[batch], **kw).per_sample_norms[0])
+                outs.append(_clip_and_sum(model, inputs[batch], targets[batch], **kw))
+        with _same_random_draws(inputs.device):
+            reference = _autograd_gradient(model, inputs[:1], targets[:1], loss_fn=loss_fn, multi_view=multi_view)
     finally:
         for m in dropouts:
             m.train()
@@ -140,12 +148,31 @@ def _run_independence_check(model: nn.Module, inputs, targets, *, loss_fn, multi
         raise InputError(
             "the model's forward pass updates its buffers (" + ", ".join(changed[:3]) + "): they would carry "
             "private data into the model without noise; remove the running statistics")
-    pair, alone = norms
+    pair, alone = (out.per_sample_norms[0] for out in outs)
     if not torch.isclose(pair, alone, rtol=1e-3, atol=1e-6):
         raise InputError(
             "the model's forward pass mixes the samples of a batch: sample 0's gradient norm is "
             f"{float(pair):.6g} beside sample 1 and {float(alone):.6g} alone, so clipping would not bound one "
             "sample's influence; remove the cross-sample operation (e.g. statistics over the batch dimension)")
+    ref_norm = torch.sqrt(sum(g.double().square().sum() for g in reference.values()))
+    factor = float(clip_factors(ref_norm, 1.0))
+    error = torch.sqrt(sum((outs[1].grad_sum[n].double() - factor * g.double()).square().sum()
+                           for n, g in reference.items()))
+    if not error <= 1e-3 * factor * ref_norm + 1e-6:
+        raise InputError(
+            "the layer-wise per-sample gradients of this model differ from autograd's (a parameter shared "
+            "by two modules, or read outside its module's forward, loses part of its gradient): use method='vmap'")
+
+
+def _autograd_gradient(model: nn.Module, inputs, targets, *, loss_fn, multi_view) -> dict[str, torch.Tensor]:
+    """Gradient of one sample's loss (the mean over its views) by plain autograd: the reference the
+    layer-wise rules are held to."""
+    views, k = split_views(inputs, targets, multi_view)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with torch.enable_grad():
+        losses = (loss_fn or cross_entropy_per_sample)(model(views), targets.repeat_interleave(k, dim=0))
+        grads = torch.autograd.grad(losses.sum() / k, [p for _, p in trainable], allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(trainable, grads, strict=True)}
 
 
 @contextmanager

@@ -45,10 +45,18 @@ def _own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def unsupported_modules(model: nn.Module) -> list[str]:
-    """Modules holding trainable parameters that have no per-sample rule here."""
+    """Modules holding trainable parameters that have no per-sample rule here, and parameters
+    shared by two modules (each module's rule sees only its own use of a shared weight)."""
     out = []
+    owner: dict[int, str] = {}
     for name, module in model.named_modules():
-        if not _own_trainable(module):
+        own = _own_trainable(module)
+        for pname, param in own:
+            full = f"{name}.{pname}" if name else pname
+            if id(param) in owner:
+                out.append(f"{full} (the parameter {owner[id(param)]}, shared)")
+            owner.setdefault(id(param), full)
+        if not own:
             continue
         if not isinstance(module, SUPPORTED):
             out.append(f"{name} ({type(module).__name__})")
