@@ -132,6 +132,27 @@ def test_evaluate_reproduces_the_reported_accuracy(finished):
     assert "ROC-AUC" in (d / "run" / "report.html").read_text()
 
 
+def test_evaluate_carves_the_validation_split_the_run_held_out(tmp_path):
+    """A run trained with --val-fraction held a seeded split of train out; `evaluate --split val`
+    scores that very split (the summary's val accuracy), and `--split train` only what it trained on.
+    It used to load the dataset unsplit: no val split at all, and train with the held-out images in."""
+    from dprandp.data import load_dataset
+
+    data, prior = tiny_npz(tmp_path / "tiny.npz", n_train=80), make_prior(tmp_path / "prior.pt")
+    result = train(tiny_config(data, prior, steps=2, phase2_steps=1, val_fraction=0.25, seed=5), out=tmp_path / "run",
+                   progress=False)
+    _, meta = load_model(tmp_path / "run" / "model.pt")
+    assert meta["val_split"] == {"fraction": 0.25, "seed": 5}
+    unsplit = load_dataset("npz", data)
+    val = evaluate(tmp_path / "run" / "model.pt", unsplit, split="val")
+    assert val["num_examples"] == 20 and val["accuracy"] == result.summary["val_accuracy"]
+    assert evaluate(tmp_path / "run" / "model.pt", unsplit, split="train")["num_examples"] == 60
+    assert evaluate(tmp_path / "run" / "model.pt", unsplit)["accuracy"] == result.test_accuracy
+    train(tiny_config(data, prior, steps=1, phase2_steps=1), out=tmp_path / "plain", progress=False)
+    with pytest.raises(InputError, match="trained without --val-fraction"):  # a run without one says so
+        evaluate(tmp_path / "plain" / "model.pt", unsplit, split="val")
+
+
 def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     """Reference by hand: a model that reads only the leftmost column sees the rightmost one
     under the flip, so TTA logits must be the mean of the two columns' read-outs."""

@@ -226,6 +226,8 @@ def test_a_search_releases_one_model_and_the_accounting_and_nothing_about_the_ot
     _, meta = load_model(out / "model.pt")
     assert meta["epsilon"] == pytest.approx(record["epsilon"]) and meta["epsilon_of_one_run_alone"] < meta["epsilon"]
     assert meta["settings"] == record["released"]["settings"] and "search_candidate" not in meta
+    # its validation split is the search's (the base seed), not the one the run's own random seed would carve
+    assert meta["val_split"] == {"fraction": 0.25, "seed": base.seed} != {"fraction": 0.25, "seed": meta["train_config"]["seed"]}
     assert meta["search"] == {k: v for k, v in record.items() if k != "released"}
     released, private = (torch.load(p, weights_only=True)["state_dict"] for p in (out / "model.pt",
                                                                                   out / "private-run" / "model.pt"))

@@ -40,6 +40,9 @@ class ImageData:
     class_names: tuple[str, ...]
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    #: How the validation split was carved from train ({"fraction", "seed"}; None when not carved):
+    #: recorded in model files so that ``evaluate`` carves the very same split again.
+    val_split: dict | None = None
 
     @property
     def num_train(self) -> int:
@@ -177,7 +180,7 @@ def with_validation(data: ImageData, *, fraction: float, seed: int = 0) -> Image
     perm = np.random.default_rng(seed).permutation(n)
     val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     return replace(data, x_train=data.x_train[train], y_train=data.y_train[train],
-                   x_val=data.x_train[val], y_val=data.y_train[val])
+                   x_val=data.x_train[val], y_val=data.y_train[val], val_split={"fraction": fraction, "seed": seed})
 
 
 def seeded_split(n: int, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dprandp.data import NORMALIZE_MEAN, NORMALIZE_STD, ImageData
+from dprandp.data import NORMALIZE_MEAN, NORMALIZE_STD, ImageData, with_validation
 from dprandp.errors import InputError, require
 from dprandp.pipeline.metrics import METRICS, classification_metrics
 from dprandp.pipeline.rundir import (
@@ -37,6 +37,7 @@ def save_model(path: Path, model, *, model_name: str, data: ImageData, extra: di
         "class_names": list(data.class_names),
         "normalize": {"mean": list(NORMALIZE_MEAN), "std": list(NORMALIZE_STD)},
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        **({} if data.val_split is None else {"val_split": dict(data.val_split)}),
         **extra,
     })
 
@@ -83,14 +84,29 @@ def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", ba
     require(meta["num_classes"] == data.num_classes,
             f"the model has {meta['num_classes']} classes but dataset {data.name} has {data.num_classes}")
     require(split in ("test", "val", "train"), f"unknown split {split!r}")
+    data = with_training_split(data, meta)
     x, y = {"test": (data.x_test, data.y_test), "val": (data.x_val, data.y_val),
             "train": (data.x_train, data.y_train)}[split]
-    require(x is not None, f"dataset {data.name} has no {split} split")
+    require(x is not None, f"dataset {data.name} has no {split} split, and the model was trained without "
+                           "--val-fraction")
     plain, flip = image_logits(model, x, batch_size, with_flip=flip_tta)
     scores = classification_metrics(flip if flip_tta else plain, y, data.num_classes)
     return {**scores, "split": split, "flip_tta": flip_tta, "num_examples": int(len(x)), "dataset": data.name,
             "model": str(model_path), "architecture": meta["model"],
             "epsilon": meta.get("epsilon"), "delta": meta.get("delta")}
+
+
+def with_training_split(data: ImageData, meta: dict) -> ImageData:
+    """``data`` split as the model's training run split it: a validation split carved from train
+    is carved again (same fraction and seed), so ``val`` is the run's held-out split and ``train``
+    what it trained on. Model files from before the split was recorded name it in their config."""
+    if data.x_val is not None or data.val_split is not None:
+        return data
+    split = meta.get("val_split")
+    if split is None:
+        config = meta.get("train_config") or {}
+        split = {"fraction": config.get("val_fraction") or 0.0, "seed": config.get("seed", 0)}
+    return with_validation(data, fraction=float(split["fraction"]), seed=int(split["seed"]))
 
 
 def prior_provenance(prior: str | None) -> str | None:
