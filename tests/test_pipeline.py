@@ -235,6 +235,13 @@ def test_paper_preset_is_spec():
     assert preset("demo", prior="p", steps=120).phase2_steps == 60
     assert preset("paper", prior="p", phase2_share=0.5).phase2_steps == 438
     assert preset("paper", prior="p", phase3_steps=0).steps == 96
+    # --steps with --phase3-steps: Phase II gets the rest (the total was silently 20 + 50 = 70 here)
+    c = preset("cpu", prior="p", steps=100, phase3_steps=50)
+    assert (c.steps, c.phase2_steps, c.phase3_steps) == (100, 50, 50)
+    with pytest.raises(InputError, match="exceeds --steps"):
+        preset("cpu", prior="p", steps=100, phase3_steps=150)
+    with pytest.raises(InputError, match="--phase2-share or --phase3-steps, not both"):  # a share of which total?
+        preset("demo", prior="p", phase2_share=0.5, phase3_steps=10)
     assert preset("paper", prior=None).phase2_steps == 0
 
 

@@ -244,9 +244,14 @@ def preset(name: str, **overrides) -> TrainConfig:
             values["steps"] = phase3
         values["phase2_steps"] = 0
     elif phase3 is not None:
+        require(share is None, "give --phase2-share or --phase3-steps, not both (--steps with --phase3-steps "
+                               "fixes the split)")
         if "steps" in given and "phase2_steps" in given:
             require(given["steps"] == given["phase2_steps"] + phase3,
                     "--steps, --phase2-steps and --phase3-steps disagree")
+        elif "steps" in given:  # the Phase II steps are what is left of the total
+            require(given["steps"] >= phase3, f"--phase3-steps {phase3} exceeds --steps {given['steps']}")
+            values["phase2_steps"] = given["steps"] - phase3
         values["steps"] = values["phase2_steps"] + phase3
     require(values.get("steps", 1) >= 1, "a run needs at least one DP step (--steps / --phase3-steps)")
     if "lr_phase3" not in given:
