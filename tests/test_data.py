@@ -124,6 +124,43 @@ def test_imagefolder_with_and_without_split(tmp_path):
     assert e.num_train + len(e.x_test) == 12 and e.x_train.shape[1:] == (32, 32, 3)
 
 
+def test_imagefolder_skips_hidden_files_and_refuses_16_bit_pixels_it_would_clip(tmp_path):
+    """macOS's AppleDouble ``._x.png`` files are not images of the class; a 16-bit scan was clipped
+    at 255 by PIL's convert (a 0..4095 gradient came back as 5 grey levels) and is refused instead,
+    while 16-bit files whose values fit 0..255 read exactly as their 8-bit twins."""
+    from PIL import Image
+
+    from dprandp.data.loaders import read_image_file
+
+    for c, value in (("a", 40), ("b", 200)):
+        (tmp_path / "f" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (32, 32), value).save(tmp_path / "f" / c / f"{i}.png")
+        (tmp_path / "f" / c / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    d = load_dataset("imagefolder", str(tmp_path / "f"))
+    assert d.num_train + len(d.x_test) == 6
+    wide = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "f" / "a" / "3.png")
+    assert Image.open(tmp_path / "f" / "a" / "3.png").mode == "I;16"
+    with pytest.raises(InputError, match=r"3\.png has pixel values in \[0, 4095\]"):
+        load_dataset("imagefolder", str(tmp_path / "f"))
+    narrow = np.linspace(0, 255, 64 * 64).reshape(64, 64)
+    Image.fromarray(narrow.astype(np.uint16)).save(tmp_path / "n16.png")
+    Image.fromarray(narrow.astype(np.uint8)).save(tmp_path / "n8.png")
+    assert np.array_equal(read_image_file(tmp_path / "n16.png"), read_image_file(tmp_path / "n8.png"))
+
+
+def test_one_colour_image_without_a_batch_axis_is_refused_not_read_as_many(tmp_path):
+    """(32, 32, 3) was read as 32 grayscale images 3 pixels wide."""
+    from dprandp.pipeline.predict import read_images
+
+    np.save(tmp_path / "one.npy", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(InputError, match=r"add the batch axis, shape \(1, 32, 32, 3\)"):
+        read_images(str(tmp_path / "one.npy"))
+    np.save(tmp_path / "grey.npy", np.zeros((5, 28, 28), np.uint8))  # N grayscale images still read
+    assert read_images(str(tmp_path / "grey.npy"))[1].shape == (5, 32, 32, 3)
+
+
 def test_to_float_uses_fixed_constants():
     x = np.full((1, 32, 32, 3), 255, dtype=np.uint8)
     out = to_float(x)

@@ -65,6 +65,9 @@ def to_uint8_nhwc(images: np.ndarray, *, split: str, source: str) -> np.ndarray:
     where = f"{source}: {split} images"
     require(x.ndim in (3, 4), f"{where} must have shape (N, H, W) or (N, H, W, C), got {x.shape}")
     require(x.shape[0] > 0, f"{where}: the split is empty")
+    require(not (x.ndim == 3 and x.shape[2] in (1, 3, 4) and x.shape[1] > 4),
+            f"{where} have shape {x.shape}: that reads as {x.shape[0]} grayscale images {x.shape[2]} pixels wide; "
+            f"for one {x.shape[2]}-channel image add the batch axis, shape (1, {x.shape[0]}, {x.shape[1]}, {x.shape[2]})")
     if x.ndim == 4 and x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
         x = np.moveaxis(x, 1, -1)  # NCHW -> NHWC
     if x.ndim == 3:

@@ -187,6 +187,19 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+#: PIL modes whose pixels may exceed 8 bits (16-bit grayscale PNG/TIFF, 32-bit integer, float).
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _eight_bit(pixels: np.ndarray, path: Path) -> np.ndarray:
+    """A wide-mode image's pixels as uint8 when they fit 0..255; else one line, never a clipped image."""
+    low, high = float(pixels.min()), float(pixels.max())
+    require(0 <= low and high <= 255,
+            f"image {path} has pixel values in [{low:g}, {high:g}] ({pixels.dtype}, e.g. a 16-bit scan): dprandp reads "
+            "8-bit images; rescale every image to 0..255 the same way first (PIL would clip it at 255)")
+    return np.rint(pixels).astype(np.uint8)
+
+
 def read_image_file(path: Path) -> np.ndarray:
     """One image file as uint8 (32, 32, 3) RGB, resized with PIL's bilinear filter where needed: the
     preparation of every image read from a file (training folders and ``dprandp predict`` alike)."""
@@ -196,10 +209,14 @@ def read_image_file(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
+            if im.mode in WIDE_MODES:  # 16-bit or float pixels: PIL's convert would clip them at 255
+                im = Image.fromarray(_eight_bit(np.asarray(im), path))
             im = im.convert("RGB")
             if im.size != (RESOLUTION, RESOLUTION):
                 im = im.resize((RESOLUTION, RESOLUTION), Image.BILINEAR, reducing_gap=None)
             return np.array(im, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
+    except InputError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"cannot read image {path} ({type(exc).__name__})") from None
 
@@ -210,7 +227,7 @@ def _read_folder(root: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray
         folder = root / name
         require(folder.is_dir(), f"imagefolder: class folder {folder} is missing")
         for f in sorted(folder.iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
+            if f.suffix.lower() not in IMAGE_SUFFIXES or f.name.startswith("."):  # e.g. macOS's ._x.png
                 continue
             try:
                 images.append(read_image_file(f))
