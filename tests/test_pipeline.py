@@ -89,6 +89,7 @@ def test_overwrite_records_the_budget_the_deleted_run_had_spent(finished, tmp_pa
 
 def test_run_directory_contents(finished):
     d, result = finished
+    assert result.summary["reported_model"] == "final EMA model"
     run = d / "run"
     names = {p.name for p in run.iterdir()}
     assert {"config.json", "metrics.jsonl", "ledger.jsonl", "model.pt", "summary.json", "report.html",
@@ -189,6 +190,11 @@ def test_linear_probing_only_leaves_the_trunk_equal_to_the_prior(tmp_path):
     for k, v in trunk.items():
         assert torch.equal(model.trunk.state_dict()[k], v), k
     assert {s["phase"] for s in ledger_steps(tmp_path / "run")} == {"II"}
+    # without EMA the reported model is the last iterate, and nothing calls it the EMA model
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["reported_model"] == "final model (no EMA)"
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "EMA model" not in report and "final model (no EMA)" in report
 
 
 def test_without_prior_every_step_trains_everything(tmp_path):

@@ -22,7 +22,8 @@ def print_result(summary: dict, run_dir, as_json: bool) -> None:
         emit_json({**summary, "run_dir": str(run_dir)})
         return
     val = f", validation {100 * summary['val_accuracy']:.2f} %" if summary.get("val_accuracy") is not None else ""
-    click.echo(f"test accuracy {100 * summary['test_accuracy']:.2f} % (final EMA model, n = {summary['num_test']}{val}) "
+    click.echo(f"test accuracy {100 * summary['test_accuracy']:.2f} % ({summary.get('reported_model', 'final EMA model')}, n = "
+               f"{summary['num_test']}{val}) "
                f"at (epsilon = {summary['epsilon']:.3f}, delta = {summary['delta']:g}); "
                f"{summary['steps']} DP steps, sigma = {summary['noise_multiplier']:.3f}")
     if summary.get("test_balanced_accuracy") is not None:

@@ -222,7 +222,7 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         "phase2_steps_done": phases_done.get("II", 0), "phase3_steps_done": phases_done.get("III", 0),
         "num_train": data.num_train, "num_test": int(len(data.x_test)), "num_classes": data.num_classes,
         "dataset": data.name, "prior": config.prior, **_prior_record(run_dir, config.prior),
-        "model": config.model,
+        "model": config.model, "reported_model": "final EMA model" if config.ema else "final model (no EMA)",
         "wall_time_s": wall_time_s, "code_version": code_version(),
         "deterministic_noise": config.deterministic_noise, "stopped_early": stopped, "discarded_run": discarded,
         "finished": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
