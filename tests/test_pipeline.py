@@ -154,6 +154,26 @@ def test_evaluate_carves_the_validation_split_the_run_held_out(tmp_path):
         evaluate(tmp_path / "plain" / "model.pt", unsplit, split="val")
 
 
+def test_evaluate_refuses_a_dataset_whose_class_names_are_other_classes(finished, tmp_path):
+    """Same class count, other folders: each label would be scored against another class. Numbered
+    names (what a loader without metadata falls back to, e.g. MedMNIST without its package) pass."""
+    from dataclasses import replace
+
+    from dprandp.data import load_dataset
+
+    d, result = finished
+    obj = torch.load(d / "run" / "model.pt", weights_only=True)
+    obj["class_names"] = ["cat", "dog", "fox", "owl"]
+    torch.save(obj, tmp_path / "model.pt")
+    data = load_dataset("npz", str(d / "tiny.npz"))
+    assert data.class_names == ("0", "1", "2", "3")
+    assert evaluate(tmp_path / "model.pt", data)["accuracy"] == result.test_accuracy
+    same = replace(data, class_names=("cat", "dog", "fox", "owl"))
+    assert evaluate(tmp_path / "model.pt", same)["accuracy"] == result.test_accuracy
+    with pytest.raises(InputError, match=r"the model's classes \['cat', 'dog', 'fox', 'owl'\] are not the dataset's"):
+        evaluate(tmp_path / "model.pt", replace(data, class_names=("cat", "dog", "owl", "fox")))
+
+
 def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     """Reference by hand: a model that reads only the leftmost column sees the rightmost one
     under the flip, so TTA logits must be the mean of the two columns' read-outs."""

@@ -83,6 +83,11 @@ def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", ba
     model, meta = load_model(model_path, device=device)
     require(meta["num_classes"] == data.num_classes,
             f"the model has {meta['num_classes']} classes but dataset {data.name} has {data.num_classes}")
+    trained = tuple(meta.get("class_names") or ())
+    numbered = tuple(str(i) for i in range(data.num_classes))  # names a loader falls back to (no metadata)
+    require(trained in ((), numbered) or data.class_names == numbered or trained == tuple(data.class_names),
+            f"the model's classes {list(trained)[:4]} are not the dataset's {list(data.class_names)[:4]}: "
+            "its labels would be scored against other classes")
     require(split in ("test", "val", "train"), f"unknown split {split!r}")
     data = with_training_split(data, meta)
     x, y = {"test": (data.x_test, data.y_test), "val": (data.x_val, data.y_val),
