@@ -141,10 +141,21 @@ def test_a_score_noise_too_small_for_the_target_is_a_clear_error():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"mean": 0.5}, "mean"), ({"mean": 1.0}, "mean"),
-                                          ({"mean": 3.0, "shape": -1.0}, "shape"), ({"mean": math.inf}, "mean")])
+                                          ({"mean": 3.0, "shape": -1.0}, "shape"), ({"mean": math.inf}, "mean"),
+                                          # the truncated sampler would redraw ~5e8 times (it hung)
+                                          ({"mean": 3.0, "shape": 1e-9}, r"probability 1\.9e-09")])
 def test_bad_repetitions_are_refused(kwargs, match):
     with pytest.raises(InputError, match=match):
         Repetitions(**kwargs)
+
+
+def test_the_smallest_shape_allowed_accepts_one_draw_in_a_thousand_and_samples():
+    from dprandp.tuning.repetitions import MIN_ACCEPTANCE
+
+    shape = 1e-3
+    reps = Repetitions(mean=3.0, shape=shape)
+    assert -math.expm1(shape * math.log(reps.gamma)) >= MIN_ACCEPTANCE == 1e-3
+    assert all(reps.sample(np.random.default_rng(i)) >= 1 for i in range(20))  # about 1e3 redraws each
 
 
 def test_private_search_releases_only_the_best_of_k_uniformly_drawn_runs():

@@ -37,6 +37,10 @@ def _tnb_mean(gamma: float, shape: float) -> float:
     return shape * (1.0 / gamma - 1.0) / -math.expm1(shape * math.log(gamma))
 
 
+#: Smallest probability that a negative binomial draw is >= 1 (the truncated sampler's acceptance rate).
+MIN_ACCEPTANCE = 1e-3
+
+
 @dataclass(frozen=True, kw_only=True)
 class Repetitions:
     """The distribution of the number K of candidate runs (``mean`` >= 1; ``shape`` as above)."""
@@ -51,6 +55,12 @@ class Repetitions:
                 f"the shape of the distribution of runs must be >= 0 (inf: Poisson), got {self.shape}")
         if self.shape != math.inf:
             require(self.mean > 1, "a mean of exactly 1 run leaves no choice to make; use a mean > 1")
+        if 0 < self.shape < math.inf and self.shape != 1:  # sample() redraws until K >= 1
+            accept = -math.expm1(self.shape * math.log(self.gamma))
+            require(accept >= MIN_ACCEPTANCE,
+                    f"with shape {self.shape:g} a draw of the number of runs is >= 1 only with probability {accept:.2g}, "
+                    "so sampling it would take about 1/that draws; use shape 0 (the logarithmic distribution, the "
+                    "limit of small shapes) or a larger shape")
 
     @property
     def poisson(self) -> bool:
