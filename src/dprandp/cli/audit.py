@@ -32,7 +32,7 @@ from dprandp.errors import InputError
 def command(epsilon, noise_multiplier, delta, canaries, steps, sample_rate, confidence, seed,
             insecure_no_noise, as_json) -> int:
     """Insert white-box gradient canaries into one DP-SGD run of the real engine and turn
-    membership guesses into a 95%-confidence lower bound on epsilon (Steinke, Nasr & Jagielski 2023).
+    membership guesses into a lower bound on epsilon at --confidence (Steinke, Nasr & Jagielski 2023).
 
     A correct engine gives a lower bound at or below the claimed epsilon; a bound above it
     means the engine leaks more than its accountant claims.
