@@ -152,7 +152,9 @@ def canary_scores(
         noise_multiplier=noise_multiplier,
         max_grad_norm=config.max_grad_norm,
         batch_size=batch_size,
-        physical_batch_size=1024,
+        # each physical batch holds a dense (chunk, m) float64 input and as many per-sample
+        # gradients: about 2**27 numbers (1 GiB) at most, whatever the number of canaries
+        physical_batch_size=max(1, min(1024, 2**27 // m)),
     )
     model = canary_model(m)
     w0 = model.weight.detach().clone()
