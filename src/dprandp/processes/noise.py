@@ -3,7 +3,15 @@
 The original draws alpha ~ U(0.5, 1.5), builds a random-phase spectrum with amplitude 1/|f|^alpha,
 multiplies the real image by a 4x4 Laplace(0, 1) envelope upsampled with a Lanczos filter, and
 scales to unit standard deviation; every layer then sees the map area-downsampled to its own
-resolution. We draw the map at the output size instead of 512 px (same process, fewer pixels).
+resolution. We draw the map at the output size (64 px for the presets) instead of 512 px, and
+scale it to unit std there. That is not the same map with fewer pixels: the 512-px map spends part
+of its variance on frequencies a 64-px map cannot hold, so after the area downsampling the
+original's noise is weaker. Measured over 20 seeds, the std of the map at the 64 / 16 / 4 px layers
+is 0.32 / 0.15 / 0.05 in the original against 1.00 / 0.43 / 0.17 here at alpha = 0.5, 0.76 / 0.58 /
+0.31 against 1.00 / 0.73 / 0.42 at alpha = 1, and 0.98 / 0.90 / 0.60 against 1.00 / 0.92 / 0.63 at
+alpha = 1.5: our per-layer noise is 1.0-3.1x stronger, most at small alpha. Every prior and result in
+BENCHMARKS.md was made with this map; whether the original's weaker noise makes a better prior is
+untested.
 """
 
 from __future__ import annotations
