@@ -289,20 +289,6 @@ class ReadsWeightDirectly(nn.Module):
         return self.fc(x * self.norm.weight + self.norm.bias)
 
 
-def test_a_parameter_read_outside_its_module_is_refused_not_taken_as_zero():
-    """No hook sees ``norm.weight`` here, so the layer-wise rules would report its per-sample gradient
-    as zero; they refuse instead, and the vmap method gets it right (against the loop)."""
-    x, y = vector_batch(4)
-    model = ReadsWeightDirectly().double()
-    with pytest.raises(InputError, match=r"norm\.weight, norm\.bias are read outside their module's forward"):
-        clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
-    ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 1.0)
-    g, norms = clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="vmap")
-    torch.testing.assert_close(norms, ref_norms)
-    for n in g:
-        torch.testing.assert_close(g[n], ref_sum[n])
-
-
 class TiedWeights(nn.Module):
     """Two Linear layers sharing one weight (``b.weight is a.weight``)."""
 
@@ -342,13 +328,18 @@ def test_a_weight_shared_by_two_layers_goes_to_vmap_not_to_rules_that_see_one_us
         torch.testing.assert_close(out.grad_sum[n], ref_sum[n])
 
 
-def test_a_called_layers_parameter_also_read_directly_is_refused_by_the_autograd_check():
-    """No module scan can see ``self.a.bias`` read again in a custom forward; the once-per-model
-    check holds sample 0's layer-wise gradient to autograd's and refuses the mismatch (before this
-    check the bias gradient was silently off by 0.35 of 0.55). vmap gets it right."""
+@pytest.mark.parametrize("model_class,refusal", [
+    # no hook sees ``norm.weight``: the rules would report its per-sample gradient as zero
+    (ReadsWeightDirectly, r"norm\.weight, norm\.bias are read outside their module's forward"),
+    # no module scan sees ``self.a.bias`` read again; the once-per-model check holds sample 0's
+    # layer-wise gradient to autograd's (before it, the bias gradient was silently off by 0.35 of 0.55)
+    (ReadsCalledLayersBias, "differ from autograd's"),
+])
+def test_a_parameter_read_outside_its_module_is_refused_not_given_a_partial_gradient(model_class, refusal):
+    """The layer-wise rules refuse such a model; the vmap method gets it right (against the loop)."""
     x, y = vector_batch(4)
-    model = ReadsCalledLayersBias().double()
-    with pytest.raises(InputError, match="differ from autograd's"):
+    model = model_class().double()
+    with pytest.raises(InputError, match=refusal):
         clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="layerwise")
     ref_sum, ref_norms = clipped_reference(loop_reference(model, x, y), 1.0)
     g, norms = clipped_grad_sum(model, x, y, max_grad_norm=1.0, method="vmap")
