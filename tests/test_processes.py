@@ -14,7 +14,7 @@ from dprandp.processes.filters import filter_bank
 from dprandp.processes.noise import area_pyramid
 from dprandp.processes.stylegan_params import COLOUR_MEAN, COLOUR_STD, latent_scale
 
-ALL = ["stylegan-oriented", "stylegan-highfreq", "stylegan-random", "dead-leaves-squares",
+ALL = ["stylegan-oriented", "stylegan-oriented-n512", "stylegan-highfreq", "stylegan-random", "dead-leaves-squares",
        "dead-leaves-oriented", "dead-leaves-shapes", "spectrum"]
 
 
@@ -94,6 +94,43 @@ def test_area_pyramid_is_block_mean():
     for r in (4, 8, 16):
         f = 32 // r
         np.testing.assert_allclose(levels[r], x.reshape(r, f, r, f).mean(axis=(1, 3)), atol=1e-12)
+
+
+def test_oriented_n512_scales_the_noise_at_512_px_and_area_downsamples_it(monkeypatch):
+    """The original's noise: one unit-std map at 512 px, each layer sees it area-downsampled
+    (checked against torch's area interpolation of the very map the sampler drew)."""
+    import torch
+    from torch.nn import functional as F
+
+    from dprandp.processes import stylegan_params as sp
+
+    drawn = []
+    real = sp.pink_noise
+
+    def spy(rng, size):
+        drawn.append(real(rng, size))
+        return drawn[-1]
+
+    monkeypatch.setattr(sp, "pink_noise", spy)
+    params = sp.sample_params(np.random.default_rng(3), 16, sp.ORIENTED_N512)
+    assert [m.shape for m in drawn] == [(512, 512)] and drawn[0].std() == pytest.approx(1.0)
+    big = torch.from_numpy(drawn[0])[None, None]
+    layers = [c for block in params.convs for c in block]
+    assert [c.noise.shape[0] for c in layers] == [4, 8, 8, 16, 16]
+    for layer in layers:
+        expected = F.interpolate(big, size=layer.noise.shape[0], mode="area")[0, 0].numpy()
+        ratio = layer.noise / expected  # the layer's strength, one number per layer
+        assert 0 < ratio.mean() < 0.3
+        np.testing.assert_allclose(ratio, ratio.mean(), rtol=1e-9)
+
+    def std_at_16(variant):  # the shared map's std as the 16-px layers see it, over 20 images
+        drawn.clear()
+        for i in range(20):
+            sp.sample_params(np.random.default_rng(i), 16, variant)
+        return np.mean([area_pyramid(m)[16].std() for m in drawn])
+
+    assert std_at_16(sp.ORIENTED) == pytest.approx(1.0)  # ours: drawn and scaled at the output size
+    assert 0.2 < std_at_16(sp.ORIENTED_N512) < 0.8  # the original's is weaker
 
 
 def test_latent_scale_matches_direct_simulation():

@@ -17,6 +17,7 @@ from dprandp.processes.registry import (
 DEFAULT_PROCESS = "stylegan-oriented"
 
 register_process("stylegan-oriented", stylegan.oriented)
+register_process("stylegan-oriented-n512", stylegan.oriented_n512)
 register_process("stylegan-highfreq", stylegan.highfreq)
 register_process("stylegan-random", stylegan.random)
 register_process("dead-leaves-squares", dead_leaves.squares)

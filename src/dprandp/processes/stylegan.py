@@ -13,7 +13,16 @@ import torch
 
 from dprandp.processes import stylegan_fast, stylegan_reference
 from dprandp.processes.registry import RandomProcess
-from dprandp.processes.stylegan_params import HIGHFREQ, ORIENTED, RANDOM, ImageParams, Variant, sample_params, to_uint8
+from dprandp.processes.stylegan_params import (
+    HIGHFREQ,
+    ORIENTED,
+    ORIENTED_N512,
+    RANDOM,
+    ImageParams,
+    Variant,
+    sample_params,
+    to_uint8,
+)
 
 BATCH = 32  # images per fast-path batch (results do not depend on it)
 
@@ -60,6 +69,11 @@ class StyleGANProcess(RandomProcess):
 def oriented() -> StyleGANProcess:
     return StyleGANProcess(ORIENTED, "StyleGAN-Oriented (default): untrained StyleGAN2 with oriented-edge/line filter "
                            "bank weights, random biases, 1/f noise; colourful oriented textures (ImageNet-100 probe 43.5%)")
+
+
+def oriented_n512() -> StyleGANProcess:
+    return StyleGANProcess(ORIENTED_N512, "StyleGAN-Oriented with the original's noise map: the 1/f map drawn at 512 px "
+                           "and area-downsampled to each layer (up to 3x weaker per-layer noise than stylegan-oriented)")
 
 
 def highfreq() -> StyleGANProcess:
