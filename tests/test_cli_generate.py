@@ -62,7 +62,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--process", "nope", "--num", 3], "stylegan-oriented, stylegan-highfreq"),
+    (["--process", "nope", "--num", 3], "stylegan-oriented, stylegan-oriented-n512, stylegan-highfreq"),
     (["--num", 0], "--num"),
     (["--num", -5], "--num"),
     (["--num", 3, "--size", 48], "size 48"),

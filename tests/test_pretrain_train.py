@@ -182,7 +182,7 @@ def test_cli_process_on_the_fly_and_unknown_process(tmp_path, _cli):
     assert provenance["process"] == "stylegan-oriented" and provenance["num_images"] == 32
     assert provenance["image_size"] == 32 and provenance["process_seed"] == 0
     r = _cli("--process", "no-such-noise", "--num", "32", "--out", str(tmp_path / "q.pt"))
-    assert r.returncode == 2 and "unknown process" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and "unknown random process" in r.stderr and r.stderr.count("\n") == 1
     r = _cli("--process", "stylegan-oriented", "--out", str(tmp_path / "q.pt"))
     assert r.returncode == 2 and "--num" in r.stderr
 
@@ -279,3 +279,82 @@ def test_cli_refuses_an_existing_out_before_rendering_any_image(tmp_path, monkey
     r = _cli("--process", "stylegan-oriented", "--num", "32", "--out", str(blocked / "p.pt"))
     assert r.returncode == 2 and "not a directory" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not rendered
+
+
+def test_resuming_a_complete_prior_checks_its_settings_and_images(tmp_path):
+    """Found in review: with the state gone (a finished run) --resume accepted any settings and images,
+    and reported the new settings as the prior's."""
+    from dataclasses import replace
+
+    from dprandp.pretrain import open_store
+
+    np.save(tmp_path / "one.npy", _images(32, seed=0))
+    np.save(tmp_path / "two.npy", _images(32, seed=1))
+    config = PretrainConfig(**TINY, epochs=1, seed=2)
+    pretrain(config, open_store(tmp_path / "one.npy"), out=tmp_path / "p.pt", progress=False)
+    assert not state_path(tmp_path / "p.pt").exists()
+    with pytest.raises(InputError, match=r"complete but was made with different settings: hidden=32 \(now 64\)"):
+        pretrain(replace(config, hidden=64), open_store(tmp_path / "one.npy"), out=tmp_path / "p.pt", progress=False,
+                 resume=True)
+    with pytest.raises(InputError, match="complete but was trained on other images"):
+        pretrain(config, open_store(tmp_path / "two.npy"), out=tmp_path / "p.pt", progress=False, resume=True)
+    again = pretrain(config, open_store(tmp_path / "one.npy"), out=tmp_path / "p.pt", progress=False, resume=True)
+    assert again.epochs_done == 1 and again.config.hidden == 32 and again.config.num_images == 32
+
+
+def test_a_store_run_records_the_store_process_and_previews_the_store_images(tmp_path):
+    """Found in review: an --images run recorded the preset's process in its config, and the run report
+    re-rendered the preview with the training seed instead of the images' seed."""
+    from dprandp.pipeline.finish import prior_preview
+    from dprandp.pretrain import open_store
+    from dprandp.processes import get_process
+    from dprandp.processes.store import GenerateRequest, generate
+
+    store = tmp_path / "s.npy"
+    generate(GenerateRequest(process="dead-leaves-shapes", num=32, size=16, seed=5, out=store), progress=False)
+    pretrain(PretrainConfig(**TINY, epochs=1, seed=0), open_store(store), out=tmp_path / "p.pt", progress=False)
+    meta = load_prior(tmp_path / "p.pt")[1]
+    assert meta["pretrain_config"]["process"] == meta["provenance"]["process"] == "dead-leaves-shapes"
+    preview = prior_preview(str(tmp_path / "p.pt"), n=4)
+    np.testing.assert_array_equal(preview, np.load(store)[:4])
+    assert not np.array_equal(preview, get_process("dead-leaves-shapes").render(np.arange(4), seed=0, size=16))
+    np.save(tmp_path / "bare.npy", _images(32))  # no sidecar: the process is unknown, not the preset's
+    pretrain(PretrainConfig(**TINY, epochs=1, seed=0), open_store(tmp_path / "bare.npy"), out=tmp_path / "q.pt",
+             progress=False)
+    assert load_prior(tmp_path / "q.pt")[1]["pretrain_config"]["process"] is None
+
+
+def test_cli_refuses_an_unknown_model_or_a_too_large_batch_before_rendering(tmp_path, monkeypatch, _cli):
+    import dprandp.pretrain as pretrain_api
+
+    rendered = []
+    monkeypatch.setattr(pretrain_api, "process_source", lambda *a, **k: rendered.append(a) or pytest.fail("rendered"))
+    r = _cli("--process", "stylegan-oriented", "--num", "32", "--model", "wrn-99", "--out", str(tmp_path / "p.pt"))
+    assert r.returncode == 2 and "unknown model 'wrn-99'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = _cli("--process", "stylegan-oriented", "--num", "32", "--batch-size", "64", "--out", str(tmp_path / "p.pt"))
+    assert r.returncode == 2 and "larger than the 32 images" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not rendered
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_partial_file(tmp_path):
+    """A full disk or file-size limit mid-run: one line, exit 1, no temporary file (found in review: a
+    40-line traceback from torch's zip writer)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "s.npy", _images(32))
+
+    def limit():  # 64 KiB files: the prior (~1 MB) cannot be written; Python ignores SIGXFSZ, so EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    cmd = [sys.executable, "-m", "dprandp", "pretrain", "--images", str(tmp_path / "s.npy"), "--preset", "cpu",
+           "--model", "wrn-10-1", "--hidden", "32", "--batch-size", "16", "--epochs", "1", "--threads", "1",
+           "--no-progress", "--out", str(tmp_path / "p.pt")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=limit,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("dprandp: error: cannot write"), r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]

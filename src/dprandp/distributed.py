@@ -232,6 +232,22 @@ def broadcast_generator(generator: torch.Generator, src: int = 0) -> torch.Gener
     return generator
 
 
+def gather_generator_states(generator: torch.Generator) -> list[torch.Tensor]:
+    """Every rank's state of ``generator``, in rank order, on every rank (``[state]`` on one process):
+    what a checkpoint needs to give each rank its own stream back on resume."""
+    state = generator.get_state()
+    if not _active():
+        return [state]
+    states = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+    dev = _comm_device()
+    if dev is None:
+        dist.all_gather(states, state)
+        return states
+    moved = [s.to(dev) for s in states]
+    dist.all_gather(moved, state.to(dev))
+    return [m.cpu() for m in moved]
+
+
 def fork_generator(generator: torch.Generator, rank: int) -> torch.Generator:
     """Re-seed ``generator`` for ``rank`` (rank 0 keeps its stream; returns it).
 

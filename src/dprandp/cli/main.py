@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except BrokenPipeError:  # e.g. `dprandp ... | head`
         sys.exit(0)
+    except OSError as exc:  # a full disk, a quota, a file-size limit, a vanished mount: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"{where}{exc.strerror or exc}", code=1)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         message = _out_of_memory(exc)
         if message is None:

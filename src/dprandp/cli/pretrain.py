@@ -26,7 +26,7 @@ from dprandp.errors import InputError, check_not_an_input
               help="Learning rate per 256 images (lr = this * B / 256; default: preset, paper 0.12).")
 @click.option("--hidden", type=click.IntRange(min=1), default=None, help="Projection head width (default: preset).")
 @click.option("--loss", type=click.Choice(["align-uniform", "infonce"]), default=None, help="Contrastive loss (default align-uniform).")
-@click.option("--seed", type=int, default=None, help="Seed of the initialisation, data order and augmentations (default 0).")
+@click.option("--seed", type=int, default=None, help="Seed of the initialisation, data order and augmentations, and (with --process) of the images (default 0).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Prior checkpoint to write (PRIOR.pt).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (its .state file).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out and start again.")
@@ -70,6 +70,16 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
     progress = False if no_progress else None
     check_not_an_input(out, {"--images": images})
     check_prior_out(out, resume=resume, overwrite=overwrite)  # before rendering: a refusal costs nothing
+    from dprandp.models import list_models
+
+    if config.model not in list_models():
+        raise InputError(f"unknown model {config.model!r}; known models: {', '.join(list_models())}")
+    if images is None:
+        from dprandp.processes import get_process
+
+        get_process(process)  # an unknown name is refused before anything is rendered
+    if images is None and config.batch_size > num:
+        raise InputError(f"batch size {config.batch_size} is larger than the {num} images of --num")
     if images is not None:
         source = open_store(images)
     else:

@@ -165,7 +165,9 @@ def prior_preview(prior: str | None, n: int = 32) -> np.ndarray | None:
 
         _, meta = load_prior(prior)
         prov = meta.get("provenance", {})
-        name, seed, size = prov.get("process"), prov.get("seed"), prov.get("image_size", 64)
+        # the images' seed (a store's, from `dprandp generate --seed`), not the training seed
+        seed = prov["process_seed"] if "process_seed" in prov else prov.get("seed")
+        name, size = prov.get("process"), prov.get("image_size", 64)
         if name is None or seed is None:
             return None
         return processes.get_process(name).render(np.arange(n), seed=int(seed), size=int(size))

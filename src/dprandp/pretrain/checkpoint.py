@@ -51,6 +51,10 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise InputError(f"cannot write {str(path)!r} (disk full, quota or file-size limit?): {reason}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -39,8 +39,9 @@ class PretrainConfig:
     milestones: tuple[float, ...] = PAPER_MILESTONES  # fractions of `epochs`; lr x gamma at each
     gamma: float = 0.1
     crop_size: int = 32  # RandomResizedCrop output size (the private data's resolution)
-    # Data: where the images come from when they are generated (ignored for --images stores).
-    process: str = "stylegan-oriented"
+    # Data: the random process of the images; a run on a stored array records the store's process
+    # (from its sidecar), or None when the store does not say.
+    process: str | None = "stylegan-oriented"
     num_images: int = 105_000
     image_size: int = 64
     seed: int = 0
@@ -72,8 +73,9 @@ class PretrainConfig:
         """Epochs (0-based count of finished epochs) after which the lr is multiplied by ``gamma``.
 
         The fractions are rounded to whole epochs, and milestones that round to the same epoch
-        decay once, by design: in a short run (the demo's 4 epochs: 3.1, 3.4, 3.7 -> 3) stacking
-        them would leave the last epoch at gamma**2 of the lr, which trains nothing. From about
+        decay once, by design: in a short run (the demo's 4 epochs: 3.1, 3.4, 3.7 -> 3, 3, 4, i.e.
+        one decay after epoch 3; the milestone at 4 falls after the last epoch) stacking them would
+        leave the last epoch at gamma**2 of the lr, which trains nothing. From about
         15 epochs up (the cpu preset's 48: 37, 41, 44) every milestone is its own epoch."""
         return sorted({max(1, round(m * self.epochs)) for m in self.milestones})
 

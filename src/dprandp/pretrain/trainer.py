@@ -142,7 +142,9 @@ def pretrain(
     progress = sys.stderr.isatty() if progress is None else progress
     ctx = dist.init_distributed(device=device)  # torchrun: data parallel, rank 0 writes
     device, log, progress = ctx.device, ctx.main_only(log), progress and ctx.is_main
-    config = replace(config, num_images=len(source), image_size=source.image_size)
+    described = source.describe()
+    config = replace(config, num_images=len(source), image_size=source.image_size,
+                     process=described.get("process") or (described.get("store_meta") or {}).get("process"))
     require(config.batch_size % ctx.world_size == 0,
             f"batch size {config.batch_size} must be divisible by the number of processes {ctx.world_size}")
     require(config.batch_size <= len(source),
@@ -160,6 +162,7 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.milestone_epochs, gamma=config.gamma)
     data_gen, aug_gen = make_generators(config.seed)
     start_epoch, train_seconds, epoch_losses = 0, 0.0, []
+    resumed_streams = False
 
     if resume and state_file.exists():
         state = ckpt.load_state(state_file)
@@ -174,21 +177,37 @@ def pretrain(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         data_gen.set_state(state["data_generator"])
-        aug_gen.set_state(state["aug_generator"])
+        rank_states = state.get("aug_generators") or []
+        if len(rank_states) == ctx.world_size:  # every rank takes its own stream back: bit-for-bit resume
+            aug_gen.set_state(rank_states[ctx.rank])
+            resumed_streams = True
+        else:  # another number of processes (or an older state): fork rank 0's stream again
+            aug_gen.set_state(state["aug_generator"])
+            if ctx.world_size > 1 or len(rank_states) > 1:
+                log(f"{state_file.name} was saved by {max(1, len(rank_states))} process(es), this run has "
+                    f"{ctx.world_size}: the augmentation streams are forked again (not bit-for-bit)")
         start_epoch, train_seconds = int(state["epoch"]), float(state["train_seconds"])
         epoch_losses = list(state["epoch_losses"])
         log(f"resuming {out} at epoch {start_epoch}/{config.epochs}")
     elif resume and out.exists():
         _, meta = ckpt.load_prior(out)
         ckpt.check_architecture(model.wrn_config.to_dict(), meta.get("wrn_config", {}), f"prior {str(out)!r}")
-        done = int(meta.get("provenance", {}).get("epochs_done", -1))
+        provenance = meta.get("provenance", {})
+        done = int(provenance.get("epochs_done", -1))
         require(done >= config.epochs, f"{str(out)!r} has no training state to resume from ({state_file.name} is missing)")
+        then_config = meta.get("pretrain_config") or {}
+        diff = _config_diff(config.to_dict(), then_config)
+        require(not diff, f"{str(out)!r} is complete but was made with different settings: "
+                + ", ".join(f"{k}={then_config.get(k)!r} (now {config.to_dict().get(k)!r})" for k in diff))
+        then, now = _source_identity_of(provenance.get("source") or {}), _source_identity(source)
+        require(then == now, f"{str(out)!r} is complete but was trained on other images: {then} (now {now})")
         log(f"{out} is already complete ({done} epochs)")
-        return PretrainResult(out, config, done, list(meta["provenance"].get("epoch_losses", [])),
-                              float(meta["provenance"].get("train_seconds", 0.0)))
+        return PretrainResult(out, PretrainConfig.from_dict(then_config), done, list(provenance.get("epoch_losses", [])),
+                              float(provenance.get("train_seconds", 0.0)))
 
     dist.broadcast_module(model)
-    dist.fork_generator(aug_gen, ctx.rank)  # each rank augments its own slice with its own stream
+    if not resumed_streams:
+        dist.fork_generator(aug_gen, ctx.rank)  # each rank augments its own slice with its own stream
     view_cfg = ViewConfig(size=config.crop_size)
     steps = len(source) // config.batch_size
     end_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
@@ -225,8 +244,9 @@ def pretrain(
         # A diverged epoch is never written: the prior and the state on disk stay those of the last good epoch.
         require(np.isfinite(mean_loss), f"loss became {mean_loss} at epoch {done}; lower the learning rate "
                 "(this epoch was not written)")
+        aug_states = dist.gather_generator_states(aug_gen)  # a collective: every rank takes part
         if ctx.is_main:
-            _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, done,
+            _save(out, state_file, model, optimizer, scheduler, data_gen, aug_states, config, source, done,
                   train_seconds, epoch_losses, "bf16" if bf16 else "fp32")
         log(f"epoch {done}/{config.epochs}: loss {mean_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.4g}, "
             f"{steps * config.batch_size / seconds:.1f} img/s, {seconds:.0f} s")
@@ -242,12 +262,15 @@ def pretrain(
 
 def _source_identity(source) -> dict:
     """What identifies the images of a run: the process and its seed, or the store's path and shape."""
-    d = source.describe()
+    return _source_identity_of(source.describe())
+
+
+def _source_identity_of(d: dict) -> dict:
     keys = ("kind", "process", "num_images", "size", "seed") if d.get("kind") == "process" else ("kind", "path", "shape")
     return {k: d.get(k) for k in keys}
 
 
-def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, config, source, epoch, train_seconds, epoch_losses,
+def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_states, config, source, epoch, train_seconds, epoch_losses,
           precision):
     """Training state first, then the prior: a crash in between leaves a state that is ahead, never behind."""
     cfg = config.to_dict()
@@ -258,7 +281,8 @@ def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_gen, confi
         "optimizer": _to_cpu(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
         "data_generator": data_gen.get_state(),
-        "aug_generator": aug_gen.get_state(),
+        "aug_generator": aug_states[0],  # rank 0's (what a run on another number of processes forks from)
+        "aug_generators": list(aug_states),  # every rank's, in rank order
         "config": cfg,
         "wrn_config": wrn,
         "epoch": epoch,
