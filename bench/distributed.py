@@ -143,7 +143,7 @@ def main() -> None:
         "Per GPU: each rank computes its B/W samples × K views and the only extra work per logical step is "
         "one all-reduce of the gradient (4 bytes per parameter: 11 MB for WRN-16-4; well under 1 ms over "
         "NVLink, about 20 ms over 10 Gbit Ethernet). A paper-scale Phase III step (B = 4096, K = 16) took "
-        "8.3 s on one H200 (section gpu; the reference code needs about 80 s on an A100), so W GPUs should "
+        "6.8 s on one H200 in float32 (section gpu_s19; 8.3 s in section gpu; the reference code needs about 80 s on an A100), so W GPUs should "
         "run close to W× faster, on one node or several, as long as each rank keeps a physical batch of a "
         "few hundred samples (at W = 16 a rank has ~256 samples per step, one physical chunk). Measured so "
         "far: NCCL under torchrun with one process on one H200 (tests/test_cuda.py); no multi-GPU machine "

@@ -119,8 +119,10 @@ def main() -> None:
         print(lines[-1], flush=True)
     run_lines, _ = short_runs(a.images, a.epochs, a.cifar)
     lines += [""] + run_lines
-    lines += ["", "The DP phases never use bf16: clipping must bound exactly the vector that is summed, so they stay "
-              "float32 (BENCHMARKS.md, section `gpu`, measured a 1.7 % per-sample gradient error with TF32).",
+    lines += ["", "The DP phases run in float32 by default (`--precision bf16` is an opt-in for their forward/backward, "
+              "section `dpsgd_precision`; the per-sample norms, clipping and the noisy sum stay float32): clipping "
+              "must bound exactly the vector that is summed (BENCHMARKS.md, section `gpu`, measured a 1.7 % "
+              "per-sample gradient error with TF32).",
               "", f"Bench wall time: {(time.perf_counter() - t0) / 60:.1f} min."]
     text = "## Phase I precision on the CPU: bf16 autocast against float32 (bench/pretrain_precision.py)\n\n" + "\n".join(lines)
     print(text)

@@ -255,10 +255,11 @@ def render(runs: list[Run]) -> str:
               f"({phase1['num_images']} {phase1['process']} images, {phase1['epochs']} epochs). The linear probe "
               f"trains all {dp['steps']} steps at lr "
               f"{LINEAR_PROBE['lr_phase2']:g} with momentum {LINEAR_PROBE['momentum']:g}; scratch uses lr "
-              f"{scratch} (only ε = 1 was re-validated at T = {dp['steps']}). The ceiling sees as many "
+              f"{scratch} (re-validated at T = {dp['steps']} at ε = 1 and ε = 4). The ceiling sees as many "
               "sample-views as the K = 1 DP arms.")]
     lines += ["", ("One command per row, the whole pipeline where it was run so, else at ε = 1 (`--epsilon` "
-              "sets the other columns; the prior files are named in BENCHMARKS.md with their SHA-256):"), "",
+              "sets the other columns, and a scratch row's `--lr-phase3` is the lr above for that ε; the prior files "
+              "are named in BENCHMARKS.md with their SHA-256):"), "",
               *commands]
     lines += ["", "<details><summary>The runs in each cell (test accuracy %, and the prior)</summary>", "", *sources,
               "", "</details>"]

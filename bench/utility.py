@@ -50,14 +50,13 @@ def command_for(arm: str, eps: float, seed: int, a) -> str:
             f"--batch-size {a.batch_size} --augmult {a.augmult} --seed {seed}")
     if a.model != "wrn-16-1":
         base += f" --model {a.model}"
-    if a.head_pool != 1:
-        base += f" --head-pool {a.head_pool}"
+    base += f" --head-pool {a.head_pool}"  # always: the preset's default (4 since session 13) is not the flag's old one
     if a.momentum:
         base += f" --momentum {a.momentum:g}"
     if a.val_fraction:
         base += f" --val-fraction {a.val_fraction:g}"
-    if arm != "scratch" and a.phase2_features != "augmented":
-        base += f" --phase2-features {a.phase2_features}"
+    if arm != "scratch":
+        base += f" --phase2-features {a.phase2_features}"  # always, for the same reason
     if getattr(a, "precision", "fp32") != "fp32":
         base += f" --precision {a.precision}"
     if arm == "scratch":

@@ -8,14 +8,14 @@ Presets
 -------
 ``paper``  SPEC.md's CIFAR-10, epsilon = 1 setting: WRN-16-4, expected batch B = 4096, K = 16
            views, 875 steps of which 96 in Phase II, SGD lr 15 (II) / 0.4 (III), no momentum,
-           C = 1, EMA of the weights. About 1.8 hours on one H200 (BENCHMARKS.md, gpu); its
+           C = 1, EMA of the weights. Phases II + III about 1.5 hours on one H200 (BENCHMARKS.md, gpu_s19); its
            physical batch of 256 samples (4096 views) peaked at 32 GiB there: lower
            --physical-batch-size on smaller GPUs, raise it to 512 (62 GiB, 27 % faster) on larger.
 ``cpu``    the recipe sized for a 2-core machine and tuned on a validation split: WRN-16-1 with
            a 4 x 4-pooled head, B = 1000, K = 2, 300 steps (60 in Phase II on cached features),
            SGD lr 8 (II) / 2 (III), and lr_III = 4 when the target epsilon is 4 or more.
            Every value can be overridden by a flag (an explicit --lr-phase3 wins at any epsilon).
-``demo``   tiny: WRN-10-1 on ``digits``, about a minute; what ``dprandp run`` uses by default.
+``demo``   tiny: WRN-10-1 on ``digits``, 1.5 minutes alone on 2 cores; what ``dprandp run`` uses by default.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ autocast the convolutions and matmuls run in bfloat16 and the loss in float32; t
 optimizer and the saved prior stay float32.
 
 ``auto`` picks bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX: Intel Sapphire
-Rapids and later, AMD Zen 4 and later), where oneDNN runs it about 2x faster than float32
+Rapids and later, AMD Zen 4 and later), where oneDNN runs it about 1.6-1.7x faster than float32 (this machine)
 (BENCHMARKS.md, section ``pretrain_precision``); elsewhere float32, because emulated bf16 is
 slower than float32.
 """
