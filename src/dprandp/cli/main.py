@@ -62,6 +62,10 @@ def cli() -> None:
     """dprandp: differentially private image classification with priors from random processes."""
 
 
+INTERRUPTED = ("interrupted; a DP run directory keeps its last checkpoint and ledger: continue it with "
+               "`dprandp train --resume DIR` (a prior's training state: `dprandp pretrain ... --resume`)")
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print ``dprandp: error: message`` as one line on stderr and exit."""
     one_line = " ".join(str(message).split())
@@ -93,10 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except click.ClickException as exc:
         fail(exc.format_message(), code=exc.exit_code if exc.exit_code != 1 else 2)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            fail(INTERRUPTED, code=130)
         fail("aborted", code=130)
     except KeyboardInterrupt:
-        fail("interrupted", code=130)
+        fail(INTERRUPTED, code=130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except BrokenPipeError:  # e.g. `dprandp ... | head`

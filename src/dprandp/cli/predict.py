@@ -39,6 +39,8 @@ def command(model_path: str, images: str, key: str | None, out: Path | None, ove
         path = path / "model.pt"
     if out is not None:
         check_not_an_input(out, {"--model": path, "--images": images})
+        require(not (Path(images).is_dir() and Path(out).resolve().is_relative_to(Path(images).resolve())),
+                f"--out {out} lies inside the --images folder {images}; write the predictions elsewhere")
         check_writable(out, "output", overwrite)  # before any work, so a refusal costs nothing
     resolve_device(device)
     require(path.is_file(), f"model file not found: {path}")  # before reading what may be many images

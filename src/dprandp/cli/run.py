@@ -48,7 +48,9 @@ def command(preset: str, prior, pretrain_preset, pretrain_epochs, pretrain_image
     log = make_log(set_threads(threads))
     overrides = overrides_from(flags)
     pretrain_config = None
-    require(pretrain_seed is None or pretrain_seed >= 0, f"--pretrain-seed must be an integer >= 0, got {pretrain_seed}")
+    require(out is None or str(out).strip() != "", "--out is empty; give a run directory or leave --out out")
+    require(pretrain_seed is None or 0 <= pretrain_seed < 2**63,
+            f"--pretrain-seed must be an integer from 0 to 2**63 - 1, got {pretrain_seed}")
     if prior is not None:
         phase1 = {"--pretrain-preset": pretrain_preset, "--pretrain-epochs": pretrain_epochs,
                   "--pretrain-images": pretrain_images, "--pretrain-seed": pretrain_seed, "--no-cache": no_cache or None}

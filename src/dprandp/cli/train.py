@@ -63,6 +63,7 @@ def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, au
     from dprandp.pipeline import preset as make_preset
     from dprandp.pipeline import resume, train
 
+    require(out is None or str(out).strip() != "", "--out is empty; give a run directory or leave --out out")
     log = make_log(set_threads(threads))
     overrides = overrides_from(flags)
     progress = progress_default(no_progress)
@@ -72,8 +73,11 @@ def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, au
         flag_of = {dest: flag for flag, dest, _ in TRAIN_FLAGS} | {"ema": "--no-ema", "deterministic_noise":
                                                                     "--deterministic-noise"}
         given = [flag_of.get(k, k) for k, v in overrides.items() if v is not None]
-        given += [flag for flag, on in (("--prior", prior), ("--out", out), ("--overwrite", overwrite),
+        given += [flag for flag, on in (("--prior", prior), ("--out", out is not None), ("--overwrite", overwrite),
                                         ("--auto-resume", auto_resume)) if on]
+        ctx = click.get_current_context()
+        if ctx.get_parameter_source("preset") not in (None, click.core.ParameterSource.DEFAULT):
+            given.append("--preset")
         require(not given, f"--resume takes its settings from the run's config.json; drop {', '.join(sorted(given))}")
         result = resume(resume_dir, progress=progress, log=log)
     else:

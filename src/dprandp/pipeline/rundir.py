@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 from dprandp.errors import InputError, require
@@ -39,7 +40,10 @@ def check_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> None:
             require(os.access(parent, os.W_OK | os.X_OK), f"cannot create run directory {p}: {parent} is not writable")
             break
     if p.is_dir() and any(p.iterdir()):
-        require(overwrite, f"run directory {p} already exists; choose another --out, pass --overwrite, or --resume it")
+        require(not (overwrite and p.is_symlink()), f"--overwrite refused: {p} is a symbolic link "
+                f"(to {os.path.realpath(p)}); give the directory itself")
+        require(overwrite, f"run directory {p} already exists; choose another --out, pass --overwrite, "
+                "or continue it with `dprandp train --resume DIR`")
         require(any((p / m).exists() for m in RUN_MARKERS),
                 f"--overwrite refused: {p} is not a dprandp run directory (no config.json or ledger.jsonl)")
 
@@ -53,9 +57,10 @@ def prepare_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Path
         if any(p.iterdir()):
             if not overwrite:
                 raise InputError(f"run directory {p} already exists; choose another --out, "
-                                 "pass --overwrite, or --resume it")
+                                 "pass --overwrite, or continue it with `dprandp train --resume DIR`")
             require(any((p / m).exists() for m in RUN_MARKERS),
                     f"--overwrite refused: {p} is not a dprandp run directory (no config.json or ledger.jsonl)")
+            require(not p.is_symlink(), f"--overwrite refused: {p} is a symbolic link; give the directory itself")
             shutil.rmtree(p)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -65,6 +70,32 @@ def prepare_run_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Path
     except OSError as exc:
         raise InputError(f"cannot write to run directory {p}: {exc.strerror or exc}") from None
     return p
+
+
+@contextmanager
+def run_dir_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on the run directory while a process trains into it.
+
+    Two processes on one run (a scheduler requeueing a job whose first copy still runs, or two
+    ``--resume`` by hand) would each append DP steps to the ledger while each reports only its own
+    budget. The lock (``flock`` on the directory itself, so no lock file is left behind) is released
+    when the process ends, however it ends. Where ``flock`` does not exist (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"run directory {path} is in use by another process (it holds the run's lock); "
+                             "wait for it to finish or stop it first") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def fsync_dir(path: Path) -> None:

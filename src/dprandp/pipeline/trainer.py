@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from dprandp.pipeline.rundir import (
     code_version,
     prepare_run_dir,
     read_json,
+    run_dir_lock,
 )
 from dprandp.privacy import DPSGD, EMA, DPConfig
 
@@ -254,6 +256,7 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
     log = ctx.main_only(log or (lambda msg: None))  # the other ranks a private scratch directory
     out = rank_run_dir(out, ctx)
     t0 = time.time()
+    config = _with_absolute_paths(config)  # --resume from another directory must find the same files
     check_not_an_input(out, {"--data": config.data, "--prior": config.prior}, deletes_tree=True)
     check_run_dir(out, overwrite=overwrite)
     if data is None:
@@ -267,13 +270,40 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
             f"DP steps (epsilon {eps}) already spent on this data; this run's epsilon does not include them "
             "(recorded in config.json as discarded_run)")
     run_dir = prepare_run_dir(out, overwrite=overwrite)
+    with run_dir_lock(run_dir):
+        require(not any(run_dir.iterdir()), f"run directory {run_dir} was filled by another process meanwhile")
+        return _start(config, run_dir, data, model, plan, discarded, ctx, t0=t0, progress=progress, log=log,
+                      search=search)
+
+
+def _with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The data and prior paths made absolute (as typed, a resume from another directory would read
+    other files, or none)."""
+    changes = {k: str(Path(v).expanduser().resolve()) for k in ("data", "prior")
+               if isinstance(v := getattr(config, k), str) and v and Path(v).expanduser().exists()}
+    return config.replace(**changes) if changes else config
+
+
+def training_fingerprint(data: ImageData) -> str:
+    """SHA-256 of the training split the DP steps sample from (images and labels): a resume checks it,
+    so that a run never continues on other data with the same number of images."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (data.x_train, data.y_train):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _start(config, run_dir, data, model, plan, discarded, ctx, *, t0, progress, log, search) -> TrainResult:
     cfg = config.to_dict()
     atomic_write_json(run_dir / "config.json", {
         "train": cfg, "derived": {"num_train": plan.num_train, "sample_rate": plan.sample_rate,
                                   "noise_multiplier": plan.noise_multiplier,
                                   "planned_epsilon": plan.planned_epsilon, "num_classes": data.num_classes,
                                   "phase3_steps": config.phase3_steps, "prior_sha256": prior_sha256(config.prior),
-                                  "prior_provenance": prior_provenance(config.prior), "discarded_run": discarded},
+                                  "prior_provenance": prior_provenance(config.prior), "discarded_run": discarded,
+                                  "train_sha256": training_fingerprint(data)},
         "code_version": code_version()})
     ledger = PrivacyLedger.create(run_dir, target_epsilon=config.target_epsilon, target_delta=config.target_delta,
                                   accountant=config.accountant, deterministic_noise=config.deterministic_noise)
@@ -296,6 +326,18 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
     t0 = time.time()
     run_dir = Path(run_dir)
     require(run_dir.is_dir(), f"run directory {run_dir} does not exist")
+    with run_dir_lock(run_dir) if _env_rank() == 0 else nullcontext():  # rank 0 holds the real directory
+        return _resume(run_dir, progress=progress, log=log, data=data, t0=t0)
+
+
+def _env_rank() -> int:
+    """This process's torchrun rank (0 without torchrun), before any process group exists."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _resume(run_dir: Path, *, progress, log, data, t0) -> TrainResult:
     require(not (run_dir / "summary.json").exists(), f"run {run_dir} is already complete (summary.json exists)")
     saved = read_json(run_dir / "config.json", "run config")
     try:
@@ -316,6 +358,10 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
     require(data.num_train == derived.get("num_train") and data.num_classes == derived.get("num_classes"),
             f"the dataset changed since {run_dir} started (N = {data.num_train}, was {derived.get('num_train')}); "
             "cannot resume")
+    then = derived.get("train_sha256")  # absent in runs started before it was recorded
+    require(then is None or then == training_fingerprint(data),
+            f"the training images of {run_dir} changed since it started ({config.data or config.dataset} now holds "
+            "other images or labels, with the same count); cannot resume")
     # The run's sigma and q are those it started with (and that its ledger records), not a new calibration.
     plan = Plan(num_train=data.num_train, sample_rate=config.batch_size / data.num_train,
                 noise_multiplier=float(derived["noise_multiplier"]), planned_epsilon=float(derived["planned_epsilon"]))
@@ -330,6 +376,10 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
         gens[name].set_state(g_state)
     distribute_generators(gens, ctx)
     start = int(ckpt["step"])
+    # A ledger shorter than the checkpoint (a partial copy, a restored backup) would under-count epsilon.
+    require(ledger.steps >= max(start, int(ckpt.get("ledger_steps", 0))),
+            f"the ledger of {run_dir} holds {ledger.steps} DP steps but the checkpoint was taken after "
+            f"{max(start, int(ckpt.get('ledger_steps', 0)))}: the ledger was truncated; refusing to resume")
     lost = ledger.steps - start
     ledger.record_resume(from_step=start)
     MetricsLog(run_dir).truncate_after(start)
