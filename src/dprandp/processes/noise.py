@@ -53,12 +53,13 @@ def _radial_frequency(size: int) -> np.ndarray:
     return r
 
 
-def pink_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+def pink_noise(rng: np.random.Generator, size: int, alpha: float | None = None) -> np.ndarray:
     """One (size, size) float64 noise map with zero mean and unit std.
 
-    Amplitude 1/|f|^alpha with alpha ~ U(0.5, 1.5) and uniform random phase on the half-spectrum
-    (the real inverse FFT makes it Hermitian), times a Lanczos-upsampled 4x4 Laplace envelope."""
-    alpha = rng.uniform(0.5, 1.5)
+    Amplitude 1/|f|^alpha with alpha ~ U(0.5, 1.5) (or the given ``alpha``, for measurements) and
+    uniform random phase on the half-spectrum (the real inverse FFT makes it Hermitian), times a
+    Lanczos-upsampled 4x4 Laplace envelope."""
+    alpha = rng.uniform(0.5, 1.5) if alpha is None else float(alpha)
     amplitude = _radial_frequency(size) ** (-alpha)
     amplitude[0, 0] = 0.0  # no DC
     phase = rng.uniform(0.0, 2.0 * np.pi, size=amplitude.shape)
