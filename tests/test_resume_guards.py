@@ -185,3 +185,15 @@ def test_ctrl_c_says_how_to_resume(interrupted):
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.startswith("dprandp: error")]
     assert proc.returncode == 130 and len(lines) == 1 and "dprandp train --resume" in lines[0], err[-2000:]
+
+
+def test_auto_resume_with_the_same_relative_paths_continues_the_run(interrupted, monkeypatch):
+    """config.json records absolute paths; --auto-resume given the same relative ones is the same run."""
+    from dprandp.pipeline import preset
+    from dprandp.pipeline.restart import continue_or_start
+
+    monkeypatch.chdir(interrupted)
+    config = preset("demo", dataset="npz", data="t.npz", model="wrn-10-1", prior="p.pt", batch_size=16, augmult=1,
+                    physical_batch_size=16, steps=12, phase2_steps=4, noise_multiplier=3.0, target_epsilon=50.0,
+                    checkpoint_every=5, eval_every=0)
+    assert continue_or_start(config, "run", progress=False).summary["steps_applied"] == 12

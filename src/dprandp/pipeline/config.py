@@ -159,6 +159,15 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         return replace(self, **changes)
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """The data and prior paths made absolute, where they name existing files: a run records
+        these, so that a resume from another directory reads the same files (or refuses)."""
+        from pathlib import Path
+
+        changes = {k: str(Path(v).expanduser().resolve()) for k in ("data", "prior")
+                   if isinstance(v := getattr(self, k), str) and v and Path(v).expanduser().exists()}
+        return self.replace(**changes) if changes else self
+
 
 def is_device_name(name: str) -> bool:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N a GPU index): what ``--device`` accepts."""

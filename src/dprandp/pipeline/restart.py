@@ -45,7 +45,7 @@ def continue_or_start(config: TrainConfig, out: str | os.PathLike, **kwargs):
         return train(config, out=out, **kwargs)  # absent, empty, or not a run (train refuses that)
     require(has_config, f"{out} has a privacy ledger but no config.json; it cannot be continued automatically")
     saved = read_json(out / "config.json", "run config").get("train", {})
-    now = config.to_dict()
+    now = config.with_absolute_paths().to_dict()  # what train() records
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     require(not diff, f"{out} holds a run with other settings ("
             + ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff[:4])

@@ -256,7 +256,7 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
     log = ctx.main_only(log or (lambda msg: None))  # the other ranks a private scratch directory
     out = rank_run_dir(out, ctx)
     t0 = time.time()
-    config = _with_absolute_paths(config)  # --resume from another directory must find the same files
+    config = config.with_absolute_paths()  # --resume from another directory must find the same files
     check_not_an_input(out, {"--data": config.data, "--prior": config.prior}, deletes_tree=True)
     check_run_dir(out, overwrite=overwrite)
     if data is None:
@@ -274,14 +274,6 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
         require(not any(run_dir.iterdir()), f"run directory {run_dir} was filled by another process meanwhile")
         return _start(config, run_dir, data, model, plan, discarded, ctx, t0=t0, progress=progress, log=log,
                       search=search)
-
-
-def _with_absolute_paths(config: TrainConfig) -> TrainConfig:
-    """The data and prior paths made absolute (as typed, a resume from another directory would read
-    other files, or none)."""
-    changes = {k: str(Path(v).expanduser().resolve()) for k in ("data", "prior")
-               if isinstance(v := getattr(config, k), str) and v and Path(v).expanduser().exists()}
-    return config.replace(**changes) if changes else config
 
 
 def training_fingerprint(data: ImageData) -> str:
