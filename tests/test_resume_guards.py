@@ -63,9 +63,37 @@ def test_a_run_records_absolute_paths_and_resumes_from_another_directory(interru
     saved = json.loads((interrupted / "run" / "config.json").read_text())
     assert saved["train"]["data"] == str(interrupted / "t.npz")
     assert saved["train"]["prior"] == str(interrupted / "p.pt")
-    assert len(saved["derived"]["train_sha256"]) == 64
     result = resume(interrupted / "run", progress=False)
     assert result.summary["steps_applied"] == 12
+
+
+def test_the_training_fingerprint_is_only_in_the_private_checkpoint(interrupted):
+    """An exact hash of the training split is a membership oracle (found in review): it must not be in
+    any file a user may share, and it leaves with the checkpoint."""
+    from dprandp.pipeline import resume
+    from dprandp.pipeline.state import load_checkpoint
+
+    run = interrupted / "run"
+    digest = load_checkpoint(run)["train_sha256"]
+    assert len(digest) == 64
+    resume(run, progress=False)
+    assert not (run / "checkpoint.pt").exists()
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert digest.encode() not in f.read_bytes(), f
+
+
+def test_overwrite_of_a_run_in_use_is_refused_and_deletes_nothing(interrupted):
+    from dprandp.pipeline import preset, train
+
+    run = interrupted / "run"
+    before = sorted(p.name for p in run.iterdir())
+    config = preset("demo", dataset="npz", data=str(interrupted / "t.npz"), model="wrn-10-1", batch_size=16,
+                    augmult=1, physical_batch_size=16, steps=2, target_epsilon=50.0, eval_every=0)
+    with run_dir_lock(run):  # the first run still trains there
+        with pytest.raises(InputError, match="in use by another process"):
+            train(config, out=run, overwrite=True, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == before
 
 
 def test_resume_on_other_images_with_the_same_count_is_refused(interrupted):

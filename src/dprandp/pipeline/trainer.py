@@ -263,13 +263,16 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
     model = build_model(config, data.num_classes).to(device)
     plan = make_plan(config, data.num_train)
-    discarded = spent_budget(out) if overwrite else None
-    if discarded is not None:
-        eps = "unknown" if discarded["epsilon"] is None else f"{discarded['epsilon']:.4g}"
-        log(f"warning: --overwrite deletes {out}, whose ledger holds {discarded['steps'] or 'an unknown number of'} "
-            f"DP steps (epsilon {eps}) already spent on this data; this run's epsilon does not include them "
-            "(recorded in config.json as discarded_run)")
-    run_dir = prepare_run_dir(out, overwrite=overwrite)
+    # --overwrite takes the old run's lock before reading its budget and deleting it: a run that is
+    # still training there is refused, not deleted under the process that writes its ledger.
+    with run_dir_lock(out) if overwrite and Path(out).is_dir() else nullcontext():
+        discarded = spent_budget(out) if overwrite else None
+        if discarded is not None:
+            eps = "unknown" if discarded["epsilon"] is None else f"{discarded['epsilon']:.4g}"
+            log(f"warning: --overwrite deletes {out}, whose ledger holds {discarded['steps'] or 'an unknown number of'} "
+                f"DP steps (epsilon {eps}) already spent on this data; this run's epsilon does not include them "
+                "(recorded in config.json as discarded_run)")
+        run_dir = prepare_run_dir(out, overwrite=overwrite)
     with run_dir_lock(run_dir):
         require(not any(run_dir.iterdir()), f"run directory {run_dir} was filled by another process meanwhile")
         return _start(config, run_dir, data, model, plan, discarded, ctx, t0=t0, progress=progress, log=log,
@@ -278,7 +281,11 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
 
 def training_fingerprint(data: ImageData) -> str:
     """SHA-256 of the training split the DP steps sample from (images and labels): a resume checks it,
-    so that a run never continues on other data with the same number of images."""
+    so that a run never continues on other data with the same number of images.
+
+    An exact hash of the private data is a membership oracle (anyone could test a guessed dataset
+    against it), so it lives only in ``checkpoint.pt``, which is private and deleted when the run
+    completes; never in config.json, the summary or the model file."""
     import hashlib
 
     h = hashlib.sha256()
@@ -294,8 +301,7 @@ def _start(config, run_dir, data, model, plan, discarded, ctx, *, t0, progress, 
                                   "noise_multiplier": plan.noise_multiplier,
                                   "planned_epsilon": plan.planned_epsilon, "num_classes": data.num_classes,
                                   "phase3_steps": config.phase3_steps, "prior_sha256": prior_sha256(config.prior),
-                                  "prior_provenance": prior_provenance(config.prior), "discarded_run": discarded,
-                                  "train_sha256": training_fingerprint(data)},
+                                  "prior_provenance": prior_provenance(config.prior), "discarded_run": discarded},
         "code_version": code_version()})
     ledger = PrivacyLedger.create(run_dir, target_epsilon=config.target_epsilon, target_delta=config.target_delta,
                                   accountant=config.accountant, deterministic_noise=config.deterministic_noise)
@@ -304,11 +310,12 @@ def _start(config, run_dir, data, model, plan, discarded, ctx, *, t0, progress, 
     log(f"{data.describe()}; q = {plan.sample_rate:.5g}, sigma = {plan.noise_multiplier:.4f}, "
         f"{config.steps} steps (II: {config.phase2_steps}, III: {config.phase3_steps}), "
         f"planned epsilon = {plan.planned_epsilon:.4f} at delta = {config.target_delta:g}")
+    fingerprint = training_fingerprint(data)
     st.save_checkpoint(run_dir, step=0, phase=config.phase_of(0), model=model, optimizer=None, ema=ema,
-                       generators=gens, config=cfg, ledger_steps=0,
-                       deterministic_noise=config.deterministic_noise, extra={"wall_time_s": 0.0})
+                       generators=gens, config=cfg, ledger_steps=0, deterministic_noise=config.deterministic_noise,
+                       extra={"wall_time_s": 0.0, "train_sha256": fingerprint})
     return _loop(config, run_dir, data, model, ema, gens, ledger, plan, start=0, optimizer_state=None,
-                 wall_before=0.0, t_start=t0, progress=progress, log=log, search=search)
+                 wall_before=0.0, t_start=t0, progress=progress, log=log, search=search, fingerprint=fingerprint)
 
 
 def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data: ImageData | None = None) -> TrainResult:
@@ -350,8 +357,8 @@ def _resume(run_dir: Path, *, progress, log, data, t0) -> TrainResult:
     require(data.num_train == derived.get("num_train") and data.num_classes == derived.get("num_classes"),
             f"the dataset changed since {run_dir} started (N = {data.num_train}, was {derived.get('num_train')}); "
             "cannot resume")
-    then = derived.get("train_sha256")  # absent in runs started before it was recorded
-    require(then is None or then == training_fingerprint(data),
+    fingerprint, then = training_fingerprint(data), ckpt.get("train_sha256")  # absent in older checkpoints
+    require(then is None or then == fingerprint,
             f"the training images of {run_dir} changed since it started ({config.data or config.dataset} now holds "
             "other images or labels, with the same count); cannot resume")
     # The run's sigma and q are those it started with (and that its ledger records), not a new calibration.
@@ -379,11 +386,12 @@ def _resume(run_dir: Path, *, progress, log, data, t0) -> TrainResult:
         + (f" ({lost} spent by the killed process but lost, still counted)" if lost > 0 else ""))
     opt_state = ckpt["optimizer"] if ckpt.get("phase") == config.phase_of(start) else None
     return _loop(config, run_dir, data, model, ema, gens, ledger, plan, start=start, optimizer_state=opt_state,
-                 wall_before=float(ckpt.get("wall_time_s", 0.0)), t_start=t0, progress=progress, log=log)
+                 wall_before=float(ckpt.get("wall_time_s", 0.0)), t_start=t0, progress=progress, log=log,
+                 fingerprint=fingerprint)
 
 
 def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optimizer_state, wall_before,
-          t_start, progress, log, search: dict | None = None) -> TrainResult:
+          t_start, progress, log, fingerprint: str, search: dict | None = None) -> TrainResult:
     from tqdm.auto import tqdm
 
     from dprandp.pipeline.finish import finish_run
@@ -476,7 +484,7 @@ def _loop(config, run_dir, data, model, ema, gens, ledger, plan, *, start, optim
             st.save_checkpoint(run_dir, step=step_no, phase=phase, model=model, optimizer=optimizer, ema=ema,
                                generators=gens, config=config.to_dict(), ledger_steps=ledger.steps,
                                deterministic_noise=config.deterministic_noise,
-                               extra={"wall_time_s": wall_before + time.time() - t_start})
+                               extra={"wall_time_s": wall_before + time.time() - t_start, "train_sha256": fingerprint})
     else:
         t = config.steps
     bar.close()
