@@ -43,7 +43,7 @@ def test_broken_clipping_is_caught(correct_report, monkeypatch):
     # An engine whose clipping does nothing: canary gradients keep their norm 10 C.
     import dprandp.privacy.clipping as clipping
 
-    monkeypatch.setattr(clipping, "clip_factors", lambda norms, c: torch.ones_like(norms))
+    monkeypatch.setattr(clipping, "clip_factors", lambda norms, c, margin=0.0: torch.ones_like(norms))
     broken = run_audit(AuditConfig(noise_multiplier=correct_report.noise_multiplier, num_canaries=2000))
     print(f"\nno clipping: claimed {broken.epsilon:.3f}, lower bound {broken.epsilon_lower_bound:.3f}")
     assert broken.epsilon_lower_bound > 2 * broken.epsilon

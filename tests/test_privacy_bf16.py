@@ -30,18 +30,19 @@ def route(monkeypatch, path):
 
 
 def assert_bf16_clipping_bound(model, x, y):
-    """Each sample alone contributes norm <= C, and exactly C (float32 rounding) when clipped."""
+    """Each sample alone contributes norm <= C (no tolerance: the clip factor's rounding margin covers
+    the float32 rounding of the sum), and C up to that margin when clipped."""
     _, norms = clipped_grad_sum(model, x, y, max_grad_norm=1e9, precision="bf16")
     c = float(norms.median())  # some samples clipped, some not
     for i in range(x.shape[0]):
         g, n = clipped_grad_sum(model, x[i:i + 1], y[i:i + 1], max_grad_norm=c, precision="bf16")
         assert all(t.dtype == torch.float32 for t in g.values())
         contribution = float(norm_of(g))
-        assert contribution <= c * (1 + 1e-5)
+        assert contribution <= c
         if float(n) > c:
-            assert contribution == pytest.approx(c, rel=1e-5)  # the norm clipped is the norm summed
+            assert contribution == pytest.approx(c, rel=3e-5)  # the norm clipped is the norm summed
         else:
-            assert contribution == pytest.approx(float(n), rel=1e-5)
+            assert contribution == pytest.approx(float(n), rel=3e-5)
 
 
 def models_and_batches(views, device="cpu"):
@@ -112,3 +113,19 @@ def test_grouped_conv_gradient_passes_the_weight_in_the_inputs_dtype(monkeypatch
     model, x, y = next(models_and_batches(views))
     clipped_grad_sum(model, x, y, max_grad_norm=1.0, precision="bf16")
     assert torch.bfloat16 in seen
+
+
+@pytest.mark.parametrize("method", ["layerwise", "vmap"])
+def test_float32_clipped_contribution_never_exceeds_c(method):
+    """float32 rounding of the re-weighted sum put a clipped sample at up to 1.0000003 C (found in
+    review); the clip factor's margin keeps every one at or below C, with no tolerance."""
+    gen = torch.Generator().manual_seed(11)
+    model = create_model("wrn-10-1", num_classes=5, seed=0)
+    with torch.no_grad():
+        model.head.fc.weight.mul_(30)  # large gradients: every sample is clipped
+    x = torch.randn(12, 2, 3, 16, 16, generator=gen)
+    y = torch.randint(0, 5, (12,), generator=gen)
+    for c in (0.1, 0.37, 1.0):
+        for i in range(x.shape[0]):
+            g, n = clipped_grad_sum(model, x[i:i + 1], y[i:i + 1], max_grad_norm=c, method=method)
+            assert float(n) > c and float(norm_of(g)) <= c

@@ -282,8 +282,9 @@ def per_sample_grads(
     the loss in float32. A materialised per-sample gradient is contracted in the dtype its layer ran
     in and upcast to the parameter's dtype once; the norm and the clipped sum then both read that one
     tensor. Ghost norms are contracted in the parameter's dtype, where the Gram-matrix norm and the
-    re-weighted weight gradient agree to rounding. Either way clipping bounds exactly the vector that
-    is summed, as in float32; only the gradient's accuracy depends on the low-precision passes.
+    re-weighted weight gradient agree to rounding. Either way clipping bounds the vector that is summed
+    (the clip factor's margin, ``clipping.ROUNDING_MARGIN``, covers that rounding), as in float32;
+    only the gradient's accuracy depends on the low-precision passes.
     """
     n = views.shape[0]
     b = n // augmult
