@@ -70,6 +70,7 @@ class Run:
     prior_id: str | None  # the prior's SHA-256, or a name for a fresh prior whose hash was not recorded
     whole_pipeline: bool = False  # Phase I included (bench/pipeline_run.py)
     shared: bool = True  # a second job held the other core
+    oversubscribed: bool = False  # more jobs than cores: its wall time says nothing about the run
     command: str = ""
     prior_name: str | None = None  # the prior file's short name (priors.json or the record), if known
 
@@ -113,6 +114,7 @@ def load_runs(results: Path = RESULTS) -> list[Run]:
                             prior_recipe=recipe, prior_id=prior_id, test_accuracy=r["test_accuracy"],
                             test_accuracy_flip=r.get("test_accuracy_flip"), wall_s=r["wall_s"],
                             whole_pipeline=whole, shared=r.get("cores_shared_with_another_run", True),
+                            oversubscribed=bool(r.get("oversubscribed", False)),
                             command=r.get("command", ""), prior_name=short_name(known.get("file") or r.get("prior_file"))))
     return runs
 
@@ -231,7 +233,7 @@ def render(runs: list[Run]) -> str:
         else:
             cells = [cell([r for r in chosen if r.epsilon == eps], row.metric) for eps in EPSILONS]
         if row.metric == "test_accuracy":
-            dp_only = [r.wall_s for r in chosen if not r.whole_pipeline]
+            dp_only = [r.wall_s for r in chosen if not r.whole_pipeline and not r.oversubscribed]
             alone = [r.wall_s for r in chosen if r.whole_pipeline and not r.shared]
             wall = " · ".join(filter(None, [minutes(dp_only) if dp_only else "",
                                             f"{minutes(alone)} with Phase I" if alone else ""]))
