@@ -225,3 +225,12 @@ def test_auto_resume_with_the_same_relative_paths_continues_the_run(interrupted,
                     physical_batch_size=16, steps=12, phase2_steps=4, noise_multiplier=3.0, target_epsilon=50.0,
                     checkpoint_every=5, eval_every=0)
     assert continue_or_start(config, "run", progress=False).summary["steps_applied"] == 12
+
+
+def test_evaluate_and_predict_on_an_unfinished_run_say_how_to_finish_it(interrupted):
+    run = interrupted / "run"
+    for args in (["evaluate", "--model", str(run), "--dataset", "npz", "--data", str(interrupted / "t.npz")],
+                 ["predict", "--model", str(run), "--images", str(interrupted / "t.npz")]):
+        r = _cli(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "has not finished" in r.stderr and f"dprandp train --resume {run}" in r.stderr, r.stderr

@@ -23,15 +23,15 @@ def command(model_path: str, dataset: str, data: str | None, split: str, tta: st
     """Top-1 accuracy, balanced accuracy and ROC-AUC of a saved model (no privacy cost on public test data; on private data,
     releasing the number itself is not covered by the training guarantee)."""
     from dprandp.data import load_dataset
-    from dprandp.errors import require
     from dprandp.pipeline import evaluate
+    from dprandp.pipeline.finish import require_model_file
     from dprandp.pipeline.trainer import resolve_device
 
     path = Path(model_path)
     if path.is_dir():
         path = path / "model.pt"
     resolve_device(device)  # a bad --device is refused before the dataset is read
-    require(path.is_file(), f"model file not found: {path}")  # and so is a missing model
+    require_model_file(path)  # and so is a missing model
     ds = load_dataset(dataset, data)
     out = evaluate(path, ds, split=split, flip_tta=tta == "flip", device=device)
     if as_json:

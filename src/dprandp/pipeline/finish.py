@@ -42,6 +42,16 @@ def save_model(path: Path, model, *, model_name: str, data: ImageData, extra: di
     })
 
 
+def require_model_file(path: Path) -> None:
+    """Refuse a missing model file in one line; in a run directory that has not finished, say so."""
+    if path.is_file():
+        return
+    if (path.parent / "checkpoint.pt").is_file() and not (path.parent / "summary.json").exists():
+        raise InputError(f"the run {path.parent} has not finished (no {path.name} yet); continue it with "
+                         f"`dprandp train --resume {path.parent}`")
+    raise InputError(f"model file not found: {path}")
+
+
 def load_model(path: str | Path, *, device: str = "auto"):
     """(model in eval mode on ``device``, metadata) from a ``model.pt`` written by :func:`save_model`;
     ``device`` is ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
@@ -51,7 +61,7 @@ def load_model(path: str | Path, *, device: str = "auto"):
     target = resolve_device(device)  # before reading the file: a bad device costs nothing
 
     p = Path(path)
-    require(p.is_file(), f"model file not found: {p}")
+    require_model_file(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
