@@ -81,7 +81,8 @@ def main() -> None:
     for n, v in times.items():
         lines.append(f"| `{n}` | {med[n]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | "
                      f"{med[n] / med['stylegan-oriented']:.2f}x |")
-    lines += ["", f"Bench wall time: {(time.perf_counter() - t0) / 60:.1f} min."]
+    lines += ["", "Whether the weaker noise makes a better prior is measured by the DP arm on validation: "
+              "section `utility_tuning`, session 25.", "", f"Bench wall time: {(time.perf_counter() - t0) / 60:.1f} min."]
     text = "\n".join(lines)
     print(text)
     if not a.no_write:

@@ -9,9 +9,10 @@ of its variance on frequencies a 64-px map cannot hold, so after the area downsa
 original's noise is weaker. Measured over 20 seeds, the std of the map at the 64 / 16 / 4 px layers
 is 0.32 / 0.15 / 0.05 in the original against 1.00 / 0.43 / 0.17 here at alpha = 0.5, 0.76 / 0.58 /
 0.31 against 1.00 / 0.73 / 0.42 at alpha = 1, and 0.98 / 0.90 / 0.60 against 1.00 / 0.92 / 0.63 at
-alpha = 1.5: our per-layer noise is 1.0-3.1x stronger, most at small alpha. Every prior and result in
-BENCHMARKS.md was made with this map; whether the original's weaker noise makes a better prior is
-untested.
+alpha = 1.5: our per-layer noise is 1.0-3.1x stronger, most at small alpha. ``stylegan-oriented-n512``
+renders the original's map (4.8x the render time); on validation its prior tied ours (DP-RandP at
+epsilon = 1: 57.7 against 57.5 %, one 15k-image prior each; BENCHMARKS.md ``utility_tuning``, session
+25), so the default keeps this map.
 """
 
 from __future__ import annotations
