@@ -56,6 +56,7 @@ def test_calibrate_json():
     (["epsilon", "--phase", "0.1:1:10", "--delta", "2"], "delta"),
     (["epsilon", "--phase", "0.1:1:10", "--accountant", "foo"], "accountant"),
     (["epsilon", "--phase", "0.1:1:1e30"], "steps"),
+    (["epsilon", "--phase", "0.1:1:1e300"], "at most 1e+09 steps, got 1e+300"),  # was a 300-digit integer
     (["calibrate", "--epsilon", "1", "--sample-rate", "1e-300", "--steps", "10"], "sample_rate"),  # hung
     (["epsilon", "--phase", "0.5:1e300:10"], "noise multiplier"),  # sigma**2 overflowed: a traceback
     (["calibrate", "--epsilon", "1", "--sample-rate", "0.1", "--steps", "10000000000000"], "steps"),

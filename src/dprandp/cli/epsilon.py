@@ -6,7 +6,7 @@ import math
 
 import click
 
-from dprandp.accounting import ACCOUNTANTS, DPPhase, epsilon_bound
+from dprandp.accounting import ACCOUNTANTS, MAX_STEPS, DPPhase, epsilon_bound
 from dprandp.cli.options import emit_json
 from dprandp.errors import InputError
 
@@ -26,6 +26,8 @@ def parse_phase(text: str) -> DPPhase:
     steps = int(steps_f)
     if steps <= 0:
         raise InputError(f"--phase {text!r}: STEPS must be > 0, got {steps}")
+    if steps > MAX_STEPS:
+        raise InputError(f"--phase {text!r}: STEPS must be at most {MAX_STEPS:.0e} steps, got {steps_f:g}")
     return DPPhase(sample_rate=q, noise_multiplier=sigma, steps=steps)
 
 

@@ -167,6 +167,10 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
     except BaseException:  # an interrupted search releases nothing: its runs are not covered one by one
         for leftover in out.glob(".candidate-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        try:  # an --out left empty would refuse the same command run again
+            out.rmdir()
+        except OSError:  # not empty (something else is in it): leave it
+            pass
         raise
     record["released"] = None
     if best is not None and best.result is not None:
