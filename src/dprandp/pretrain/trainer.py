@@ -205,6 +205,9 @@ def pretrain(
         return PretrainResult(out, PretrainConfig.from_dict(then_config), done, list(provenance.get("epoch_losses", [])),
                               float(provenance.get("train_seconds", 0.0)))
 
+    elif resume:  # the torchrun restart path resumes by default, before the first epoch was saved
+        log(f"--resume: neither {out} nor {state_file.name} exists yet; starting a fresh run")
+
     dist.broadcast_module(model)
     if not resumed_streams:
         dist.fork_generator(aug_gen, ctx.rank)  # each rank augments its own slice with its own stream
