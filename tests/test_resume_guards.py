@@ -234,3 +234,14 @@ def test_evaluate_and_predict_on_an_unfinished_run_say_how_to_finish_it(interrup
         r = _cli(*args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert "has not finished" in r.stderr and f"dprandp train --resume {run}" in r.stderr, r.stderr
+
+
+def test_evaluate_on_the_training_split_warns_that_it_is_not_private(interrupted):
+    from dprandp.pipeline import resume
+
+    run = interrupted / "run"
+    resume(run, progress=False)
+    r = _cli("evaluate", "--model", str(run), "--dataset", "npz", "--data", str(interrupted / "t.npz"), "--split", "train")
+    assert r.returncode == 0 and "not covered by the model's (epsilon, delta)" in r.stderr, r.stderr
+    r = _cli("evaluate", "--model", str(run), "--dataset", "npz", "--data", str(interrupted / "t.npz"))
+    assert r.returncode == 0 and "not covered" not in r.stderr, r.stderr

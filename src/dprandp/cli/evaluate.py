@@ -34,6 +34,9 @@ def command(model_path: str, dataset: str, data: str | None, split: str, tta: st
     require_model_file(path)  # and so is a missing model
     ds = load_dataset(dataset, data)
     out = evaluate(path, ds, split=split, flip_tta=tta == "flip", device=device)
+    if split != "test":  # the training images are the private ones; the validation split was carved from them
+        click.echo(f"dprandp: note: accuracy on the {split} split is computed from private training images without "
+                   "noise; it is not covered by the model's (epsilon, delta): keep it to yourself", err=True)
     if as_json:
         emit_json(out)
     else:
