@@ -143,7 +143,8 @@ def test_a_score_noise_too_small_for_the_target_is_a_clear_error():
 @pytest.mark.parametrize("kwargs,match", [({"mean": 0.5}, "mean"), ({"mean": 1.0}, "mean"),
                                           ({"mean": 3.0, "shape": -1.0}, "shape"), ({"mean": math.inf}, "mean"),
                                           # the truncated sampler would redraw ~5e8 times (it hung)
-                                          ({"mean": 3.0, "shape": 1e-9}, r"probability 1\.9e-09")])
+                                          ({"mean": 3.0, "shape": 1e-9}, r"probability 1\.9e-09"),
+                                          ({"mean": 1e9}, "at most 1000")])  # a search that never ends
 def test_bad_repetitions_are_refused(kwargs, match):
     with pytest.raises(InputError, match=match):
         Repetitions(**kwargs)

@@ -39,6 +39,8 @@ def _tnb_mean(gamma: float, shape: float) -> float:
 
 #: Smallest probability that a negative binomial draw is >= 1 (the truncated sampler's acceptance rate).
 MIN_ACCEPTANCE = 1e-3
+#: Largest mean number of candidate runs a search may ask for (a larger one would not finish).
+MAX_MEAN = 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +53,8 @@ class Repetitions:
     def __post_init__(self) -> None:
         require(isinstance(self.mean, (int, float)) and math.isfinite(self.mean) and self.mean >= 1,
                 f"the mean number of runs must be a finite number >= 1, got {self.mean}")
+        require(self.mean <= MAX_MEAN, f"the mean number of runs must be at most {MAX_MEAN} (each run is a whole DP "
+                f"training, and the heavy-tailed counts go far above the mean), got {self.mean:g}")
         require(isinstance(self.shape, (int, float)) and not math.isnan(self.shape) and self.shape >= 0,
                 f"the shape of the distribution of runs must be >= 0 (inf: Poisson), got {self.shape}")
         if self.shape != math.inf:
