@@ -358,3 +358,12 @@ def test_a_failed_write_is_one_line_and_leaves_no_partial_file(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("dprandp: error: cannot write"), r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
+
+
+def test_the_generators_sidecar_wins_over_an_unrelated_json_of_the_same_stem(tmp_path):
+    from dprandp.pretrain import open_store
+
+    np.save(tmp_path / "s.npy", _images(8))
+    (tmp_path / "s.json").write_text('{"process": "something else"}')
+    (tmp_path / "s.npy.json").write_text('{"process": "dead-leaves-shapes", "seed": 3}')
+    assert open_store(tmp_path / "s.npy").describe()["store_meta"]["process"] == "dead-leaves-shapes"

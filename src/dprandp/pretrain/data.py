@@ -65,7 +65,9 @@ def open_store(path: str | os.PathLike) -> ArrayStore:
         raise InputError(f"image store {str(path)!r} is not a .npy array ({type(exc).__name__}: {exc})") from None
     validate_images(array, f"image store {str(path)!r}")
     description = {"kind": "store", "path": str(path.resolve()), "shape": list(array.shape)}
-    for sidecar in (path.with_suffix(".json"), path.with_name(path.name + ".json")):
+    # `dprandp generate`'s own sidecar (STORE.npy.json) first; STORE.json is a fallback that an unrelated
+    # file of that name could be, so it only counts when the generator's is absent
+    for sidecar in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
         if sidecar.is_file():  # metadata a generator may have written beside the store
             try:
                 description["store_meta"] = json.loads(sidecar.read_text())
