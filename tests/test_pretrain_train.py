@@ -367,3 +367,15 @@ def test_the_generators_sidecar_wins_over_an_unrelated_json_of_the_same_stem(tmp
     (tmp_path / "s.json").write_text('{"process": "something else"}')
     (tmp_path / "s.npy.json").write_text('{"process": "dead-leaves-shapes", "seed": 3}')
     assert open_store(tmp_path / "s.npy").describe()["store_meta"]["process"] == "dead-leaves-shapes"
+
+
+def test_resume_on_a_store_regenerated_in_place_is_refused(tmp_path):
+    """Same path, same shape, other pictures (found in review: the identity was path and shape only)."""
+    from dprandp.pretrain import open_store
+
+    config = PretrainConfig(**TINY, epochs=2, seed=2)
+    np.save(tmp_path / "s.npy", _images(40, seed=0))
+    pretrain(config, open_store(tmp_path / "s.npy"), out=tmp_path / "p.pt", progress=False, stop_after_epoch=1)
+    np.save(tmp_path / "s.npy", _images(40, seed=1))
+    with pytest.raises(InputError, match="was trained on other images"):
+        pretrain(config, open_store(tmp_path / "s.npy"), out=tmp_path / "p.pt", progress=False, resume=True)

@@ -52,6 +52,17 @@ def validate_images(array, what: str) -> None:
     require(min(array.shape[1:3]) >= 8, f"{what} images are {array.shape[1]}x{array.shape[2]} px; need at least 8x8")
 
 
+def content_fingerprint(array: np.ndarray, per_end: int = 8) -> str:
+    """SHA-256 of a few images from the start, middle and end of a store (cheap on a memory map): a
+    store regenerated in place with the same shape (another seed or process) no longer matches."""
+    import hashlib
+
+    n = len(array)
+    picks = sorted({*range(min(per_end, n)), *range(max(0, n // 2 - per_end // 2), min(n, n // 2 + per_end // 2)),
+                    *range(max(0, n - per_end), n)})
+    return hashlib.sha256(np.ascontiguousarray(array[picks]).tobytes()).hexdigest()
+
+
 def open_store(path: str | os.PathLike) -> ArrayStore:
     """Memory-map and validate a ``.npy`` store written by ``dprandp generate`` (or anything else)."""
     path = Path(path)
@@ -64,7 +75,8 @@ def open_store(path: str | os.PathLike) -> ArrayStore:
     except Exception as exc:
         raise InputError(f"image store {str(path)!r} is not a .npy array ({type(exc).__name__}: {exc})") from None
     validate_images(array, f"image store {str(path)!r}")
-    description = {"kind": "store", "path": str(path.resolve()), "shape": list(array.shape)}
+    description = {"kind": "store", "path": str(path.resolve()), "shape": list(array.shape),
+                   "content_sha256": content_fingerprint(array)}
     # `dprandp generate`'s own sidecar (STORE.npy.json) first; STORE.json is a fallback that an unrelated
     # file of that name could be, so it only counts when the generator's is absent
     for sidecar in (path.with_name(path.name + ".json"), path.with_suffix(".json")):

@@ -171,7 +171,7 @@ def pretrain(
         require(not diff, f"checkpoint {str(state_file)!r} was made with different settings: "
                 + ", ".join(f"{k}={state['config'].get(k)!r} (now {config.to_dict().get(k)!r})" for k in diff))
         then, now = state.get("source"), _source_identity(source)
-        require(then is None or then == now, f"checkpoint {str(state_file)!r} was trained on other images: "
+        require(then is None or _same_source(then, now), f"checkpoint {str(state_file)!r} was trained on other images: "
                 f"{then} (now {now}); resume with the same --images or --process")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -200,7 +200,7 @@ def pretrain(
         require(not diff, f"{str(out)!r} is complete but was made with different settings: "
                 + ", ".join(f"{k}={then_config.get(k)!r} (now {config.to_dict().get(k)!r})" for k in diff))
         then, now = _source_identity_of(provenance.get("source") or {}), _source_identity(source)
-        require(then == now, f"{str(out)!r} is complete but was trained on other images: {then} (now {now})")
+        require(_same_source(then, now), f"{str(out)!r} is complete but was trained on other images: {then} (now {now})")
         log(f"{out} is already complete ({done} epochs)")
         return PretrainResult(out, PretrainConfig.from_dict(then_config), done, list(provenance.get("epoch_losses", [])),
                               float(provenance.get("train_seconds", 0.0)))
@@ -269,8 +269,16 @@ def _source_identity(source) -> dict:
 
 
 def _source_identity_of(d: dict) -> dict:
-    keys = ("kind", "process", "num_images", "size", "seed") if d.get("kind") == "process" else ("kind", "path", "shape")
+    keys = (("kind", "process", "num_images", "size", "seed") if d.get("kind") == "process"
+            else ("kind", "path", "shape", "content_sha256"))
     return {k: d.get(k) for k in keys}
+
+
+def _same_source(then: dict, now: dict) -> bool:
+    """The same images: every identity field recorded on both sides agrees (a state saved before a field
+    was recorded is compared on the fields it has)."""
+    return all(then.get(k) == now.get(k) for k in then.keys() | now.keys()
+               if then.get(k) is not None and now.get(k) is not None)
 
 
 def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_states, config, source, epoch, train_seconds, epoch_losses,
