@@ -325,18 +325,6 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
     t0 = time.time()
     run_dir = Path(run_dir)
     require(run_dir.is_dir(), f"run directory {run_dir} does not exist")
-    with run_dir_lock(run_dir) if _env_rank() == 0 else nullcontext():  # rank 0 holds the real directory
-        return _resume(run_dir, progress=progress, log=log, data=data, t0=t0)
-
-
-def _env_rank() -> int:
-    """This process's torchrun rank (0 without torchrun), before any process group exists."""
-    import os
-
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def _resume(run_dir: Path, *, progress, log, data, t0) -> TrainResult:
     require(not (run_dir / "summary.json").exists(), f"run {run_dir} is already complete (summary.json exists)")
     saved = read_json(run_dir / "config.json", "run config")
     try:
@@ -344,7 +332,11 @@ def _resume(run_dir: Path, *, progress, log, data, t0) -> TrainResult:
     except (KeyError, TypeError) as exc:
         raise InputError(f"run config {run_dir / 'config.json'} is not a dprandp training config ({exc})") from None
     device, ctx = _run_device(config)  # torchrun: other ranks resume from a private copy of the run dir
-    log = ctx.main_only(log)
+    with run_dir_lock(run_dir) if ctx.is_main else nullcontext():  # rank 0 holds the real directory
+        return _resume(run_dir, saved, config, device, ctx, progress=progress, log=ctx.main_only(log), data=data, t0=t0)
+
+
+def _resume(run_dir: Path, saved: dict, config: TrainConfig, device, ctx, *, progress, log, data, t0) -> TrainResult:
     if ctx.is_main:
         PrivacyLedger.open(run_dir)  # repairs a torn last record before the other ranks copy the ledger
     barrier()

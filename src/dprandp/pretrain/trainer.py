@@ -177,15 +177,14 @@ def pretrain(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         data_gen.set_state(state["data_generator"])
-        rank_states = state.get("aug_generators") or []
+        rank_states = state.get("aug_generators") or [state["aug_generator"]]  # (older states: rank 0's only)
         if len(rank_states) == ctx.world_size:  # every rank takes its own stream back: bit-for-bit resume
             aug_gen.set_state(rank_states[ctx.rank])
             resumed_streams = True
-        else:  # another number of processes (or an older state): fork rank 0's stream again
-            aug_gen.set_state(state["aug_generator"])
-            if ctx.world_size > 1 or len(rank_states) > 1:
-                log(f"{state_file.name} was saved by {max(1, len(rank_states))} process(es), this run has "
-                    f"{ctx.world_size}: the augmentation streams are forked again (not bit-for-bit)")
+        else:  # another number of processes: fork rank 0's stream again
+            aug_gen.set_state(rank_states[0])
+            log(f"{state_file.name} was saved by {len(rank_states)} process(es), this run has "
+                f"{ctx.world_size}: the augmentation streams are forked again (not bit-for-bit)")
         start_epoch, train_seconds = int(state["epoch"]), float(state["train_seconds"])
         epoch_losses = list(state["epoch_losses"])
         log(f"resuming {out} at epoch {start_epoch}/{config.epochs}")
@@ -292,7 +291,6 @@ def _save(out, state_file, model, optimizer, scheduler, data_gen, aug_states, co
         "optimizer": _to_cpu(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
         "data_generator": data_gen.get_state(),
-        "aug_generator": aug_states[0],  # rank 0's (what a run on another number of processes forks from)
         "aug_generators": list(aug_states),  # every rank's, in rank order
         "config": cfg,
         "wrn_config": wrn,
