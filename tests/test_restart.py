@@ -115,3 +115,24 @@ def test_torchrun_restart_env_implies_auto_resume_in_the_cli(tmp_path):
     other = subprocess.run([*args, "--lr-phase3", "0.3"], capture_output=True, text=True, timeout=300, env=env,
                            check=False)
     assert other.returncode == 2 and other.stderr.count("\n") == 1 and "other settings" in other.stderr
+
+
+def test_a_continuation_may_change_only_memory_settings(tmp_path, monkeypatch):
+    """A run that ran out of memory continues with a smaller physical chunk (the same mechanism, the
+    same ledger) and config.json records it; any setting of the mechanism is still refused."""
+    torch.set_num_threads(1)
+    config = make_config(tmp_path)
+    undo = crash_after_step(monkeypatch, 6)
+    with pytest.raises(Crash):
+        continue_or_start(config, tmp_path / "run", progress=False)
+    undo()
+    logged = []
+    smaller = config.replace(physical_batch_size=3, eval_batch_size=7)
+    got = continue_or_start(smaller, tmp_path / "run", progress=False, log=logged.append)
+    assert any("physical_batch_size = 3 (was 16)" in m and "eval_batch_size = 7 (was" in m for m in logged)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (saved["physical_batch_size"], saved["eval_batch_size"]) == (3, 7)
+    assert got.summary["steps_applied"] == STEPS and got.summary["steps"] == STEPS + 2
+    assert len(step_lines(tmp_path / "run")) == STEPS + 2
+    with pytest.raises(InputError, match="other settings.*augmult"):
+        continue_or_start(smaller.replace(augmult=1), tmp_path / "run", progress=False)

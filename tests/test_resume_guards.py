@@ -245,3 +245,19 @@ def test_evaluate_on_the_training_split_warns_that_it_is_not_private(interrupted
     assert r.returncode == 0 and "not covered by the model's (epsilon, delta)" in r.stderr, r.stderr
     r = _cli("evaluate", "--model", str(run), "--dataset", "npz", "--data", str(interrupted / "t.npz"))
     assert r.returncode == 0 and "not covered" not in r.stderr, r.stderr
+
+
+def test_resume_may_lower_the_physical_batch_and_nothing_else(interrupted):
+    """The out-of-memory message says to lower --physical-batch-size and resume: --resume accepts it
+    (and --eval-batch-size), records it in config.json, and still refuses any setting of the mechanism."""
+    run = interrupted / "run"
+    refused = subprocess.run([sys.executable, "-m", "dprandp", "train", "--resume", str(run), "--augmult", "2",
+                              "--physical-batch-size", "4"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "drop --augmult" in refused.stderr and "Traceback" not in refused.stderr
+    assert "--physical-batch-size" in refused.stderr.splitlines()[-1].split("may change")[0]
+    done = subprocess.run([sys.executable, "-m", "dprandp", "train", "--resume", str(run), "--physical-batch-size",
+                           "4", "--threads", "1", "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "physical_batch_size = 4 (was 16)" in done.stderr
+    assert json.loads((run / "config.json").read_text())["train"]["physical_batch_size"] == 4
+    assert (run / "summary.json").is_file()

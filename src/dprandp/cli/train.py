@@ -72,14 +72,18 @@ def command(preset: str, prior: str | None, out, overwrite: bool, resume_dir, au
 
         flag_of = {dest: flag for flag, dest, _ in TRAIN_FLAGS} | {"ema": "--no-ema", "deterministic_noise":
                                                                     "--deterministic-noise"}
+        from dprandp.pipeline.config import MEMORY_ONLY
+
+        memory = {k: overrides.pop(k, None) for k in MEMORY_ONLY}
         given = [flag_of.get(k, k) for k, v in overrides.items() if v is not None]
         given += [flag for flag, on in (("--prior", prior), ("--out", out is not None), ("--overwrite", overwrite),
                                         ("--auto-resume", auto_resume)) if on]
         ctx = click.get_current_context()
         if ctx.get_parameter_source("preset") not in (None, click.core.ParameterSource.DEFAULT):
             given.append("--preset")
-        require(not given, f"--resume takes its settings from the run's config.json; drop {', '.join(sorted(given))}")
-        result = resume(resume_dir, progress=progress, log=log)
+        require(not given, f"--resume takes its settings from the run's config.json (only "
+                f"{', '.join(flag_of[k] for k in MEMORY_ONLY)} may change); drop {', '.join(sorted(given))}")
+        result = resume(resume_dir, progress=progress, log=log, memory=memory)
     else:
         if prior is None:
             raise InputError("--prior is required: a prior file from `dprandp pretrain`, or `none` for DP-SGD from scratch")

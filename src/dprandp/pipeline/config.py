@@ -169,6 +169,15 @@ class TrainConfig:
         return self.replace(**changes) if changes else self
 
 
+#: Settings that change only memory and speed, never the mechanism or its guarantee: how many samples'
+#: per-sample gradients are held at once (the sum over chunks is the same sum) and the batch of
+#: evaluation and feature passes. ``--resume`` (and an automatic continuation) may change them, so a
+#: run that ran out of memory continues with a smaller chunk instead of being lost. The random crops
+#: are drawn chunk by chunk, so another chunk size draws other (equally distributed) crops: the same
+#: training in distribution, not bit for bit.
+MEMORY_ONLY = ("physical_batch_size", "eval_batch_size")
+
+
 def is_device_name(name: str) -> bool:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N a GPU index): what ``--device`` accepts."""
     return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())

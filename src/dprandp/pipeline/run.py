@@ -72,8 +72,7 @@ def prior_cache_path(pretrain_config) -> Path:
 
 def ensure_prior(pretrain_config, *, cache: bool = True, progress: bool = False, log=None) -> Path:
     """A prior for ``pretrain_config``: from the cache if present, else Phase I (then cached)."""
-    from dprandp.pretrain import process_source, pretrain
-
+    from dprandp.pretrain import pretrain, process_source
     from dprandp.pretrain.checkpoint import state_path
 
     log = log or (lambda msg: None)
@@ -126,13 +125,15 @@ def run_all(config: RunConfig, *, out, overwrite: bool = False, progress: bool |
                     f"Phase I model {config.pretrain.model} differs from the classifier {tc.model}")
             # Check everything about the DP phases before spending minutes on Phase I.
             from dprandp.data import load_dataset
-            from dprandp.pipeline.trainer import make_plan, resolve_device
+            from dprandp.pipeline.trainer import _world_size, check_memory, make_plan, resolve_device
 
-            resolve_device(tc.device)  # a bad --device, like a bad --out, is refused before Phase I
+            # a bad --device, like a bad --out, is refused before Phase I
+            device = resolve_device(tc.device, world_size=_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
             check_not_an_input(out, {"--data": tc.data}, deletes_tree=True)
             check_run_dir(out, overwrite=overwrite)
             data = load_dataset(tc.dataset, tc.data, val_fraction=tc.val_fraction, val_seed=tc.seed)
             make_plan(tc, data.num_train)
+            check_memory(tc, data, device, log)  # a chunk that cannot fit, before Phase I's minutes
             prior = ensure_prior(config.pretrain, cache=config.cache, progress=bool(progress), log=log)
             tc = replace(tc, prior=str(prior))
             return train(tc, out=out, overwrite=overwrite, progress=progress, log=log, data=data)

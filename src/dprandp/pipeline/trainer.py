@@ -45,9 +45,10 @@ from dprandp.distributed import (
 from dprandp.errors import InputError, check_not_an_input, require
 from dprandp.models import create_model
 from dprandp.pipeline import state as st
-from dprandp.pipeline.config import TrainConfig, is_device_name
+from dprandp.pipeline.config import MEMORY_ONLY, TrainConfig, is_device_name
 from dprandp.pipeline.finish import prior_provenance, prior_sha256
 from dprandp.pipeline.ledger import PrivacyLedger, spent_budget
+from dprandp.pipeline.memory import check_chunk_fits, trainable_in_phase
 from dprandp.pipeline.probe import ProbeModel, pooled_features
 from dprandp.pipeline.rundir import (
     MetricsLog,
@@ -216,11 +217,10 @@ class _AccuracyMeter:
 
 def _set_phase(model, config: TrainConfig, phase: str):
     """requires_grad for the phase and a fresh SGD optimizer over the trainable parameters."""
-    lacks = type(model).PRIOR_LACKS
-    frozen = model.frozen_prefixes(config.freeze_stages)  # () when nothing is frozen
+    flags = trainable_in_phase(model, config, phase)
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(lacks) if phase == "II" else not name.startswith(frozen))
+        p.requires_grad_(flags[name])
         if p.requires_grad:
             trainable.append(p)
     lr = config.lr_phase2 if phase == "II" else config.lr_phase3
@@ -263,6 +263,7 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
     model = build_model(config, data.num_classes).to(device)
     plan = make_plan(config, data.num_train)
+    check_memory(config, data, device, log)
     # --overwrite takes the old run's lock before reading its budget and deleting it: a run that is
     # still training there is refused, not deleted under the process that writes its ledger.
     with run_dir_lock(out) if overwrite and Path(out).is_dir() else nullcontext():
@@ -277,6 +278,13 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
         require(not any(run_dir.iterdir()), f"run directory {run_dir} was filled by another process meanwhile")
         return _start(config, run_dir, data, model, plan, discarded, ctx, t0=t0, progress=progress, log=log,
                       search=search)
+
+
+def check_memory(config: TrainConfig, data: ImageData, device: torch.device, log) -> None:
+    """Refuse a run whose physical chunk cannot fit in ``device``'s free memory (:mod:`dprandp.pipeline.memory`)."""
+    _, h, w, c = data.x_train.shape
+    check_chunk_fits(config, num_classes=data.num_classes, view_shape=(c, h, w), device=device,
+                     world_size=_world_size(), log=log)
 
 
 def training_fingerprint(data: ImageData) -> str:
@@ -318,10 +326,17 @@ def _start(config, run_dir, data, model, plan, discarded, ctx, *, t0, progress, 
                  wall_before=0.0, t_start=t0, progress=progress, log=log, search=search, fingerprint=fingerprint)
 
 
-def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data: ImageData | None = None) -> TrainResult:
+def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data: ImageData | None = None,
+           memory: dict | None = None) -> TrainResult:
     """Continue a killed run from its last checkpoint. Steps in the ledger beyond the checkpoint
-    stay counted (their updates were lost, their privacy cost was not)."""
+    stay counted (their updates were lost, their privacy cost was not).
+
+    ``memory`` changes settings of :data:`~dprandp.pipeline.config.MEMORY_ONLY` (e.g.
+    ``{"physical_batch_size": 64}`` after running out of memory); config.json records the new values."""
     log = log or (lambda msg: None)
+    memory = {k: v for k, v in (memory or {}).items() if v is not None}
+    unknown = sorted(set(memory) - set(MEMORY_ONLY))
+    require(not unknown, f"resume can change only {', '.join(MEMORY_ONLY)}, not {', '.join(unknown)}")
     t0 = time.time()
     run_dir = Path(run_dir)
     require(run_dir.is_dir(), f"run directory {run_dir} does not exist")
@@ -331,12 +346,17 @@ def resume(run_dir: str | Path, *, progress: bool | None = None, log=None, data:
         config = TrainConfig.from_dict(saved["train"])
     except (KeyError, TypeError) as exc:
         raise InputError(f"run config {run_dir / 'config.json'} is not a dprandp training config ({exc})") from None
+    changed = {k: v for k, v in memory.items() if getattr(config, k) != v}
+    if changed:
+        config = dataclasses.replace(config, **changed)  # __post_init__ checks the new values
     device, ctx = _run_device(config)  # torchrun: other ranks resume from a private copy of the run dir
     with run_dir_lock(run_dir) if ctx.is_main else nullcontext():  # rank 0 holds the real directory
-        return _resume(run_dir, saved, config, device, ctx, progress=progress, log=ctx.main_only(log), data=data, t0=t0)
+        return _resume(run_dir, saved, config, device, ctx, progress=progress, log=ctx.main_only(log), data=data, t0=t0,
+                       changed=changed)
 
 
-def _resume(run_dir: Path, saved: dict, config: TrainConfig, device, ctx, *, progress, log, data, t0) -> TrainResult:
+def _resume(run_dir: Path, saved: dict, config: TrainConfig, device, ctx, *, progress, log, data, t0,
+            changed: dict) -> TrainResult:
     if ctx.is_main:
         PrivacyLedger.open(run_dir)  # repairs a torn last record before the other ranks copy the ledger
     barrier()
@@ -353,6 +373,12 @@ def _resume(run_dir: Path, saved: dict, config: TrainConfig, device, ctx, *, pro
     require(then is None or then == fingerprint,
             f"the training images of {run_dir} changed since it started ({config.data or config.dataset} now holds "
             "other images or labels, with the same count); cannot resume")
+    check_memory(config, data, device, log)
+    if changed and ctx.is_main:  # the next resume (or an automatic continuation) starts from the new values
+        before = {k: saved["train"].get(k) for k in changed}
+        atomic_write_json(run_dir / "config.json", {**saved, "train": config.to_dict()})
+        log("resuming with " + ", ".join(f"{k} = {v} (was {before[k]})" for k, v in changed.items())
+            + ": memory only, the same mechanism and guarantee")
     # The run's sigma and q are those it started with (and that its ledger records), not a new calibration.
     plan = Plan(num_train=data.num_train, sample_rate=config.batch_size / data.num_train,
                 noise_multiplier=float(derived["noise_multiplier"]), planned_epsilon=float(derived["planned_epsilon"]))
