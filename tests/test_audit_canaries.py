@@ -119,3 +119,36 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, args, fragment):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err
+
+
+def test_cli_a_claim_above_the_ceiling_is_inconclusive_not_a_pass(capsys):
+    """At epsilon = 8, 5000 canaries cannot show more than ~6.4: even the engine run WITHOUT noise
+    passed with exit 0 (found in review). Now: INCONCLUSIVE, exit 3, `conclusive: false` in JSON."""
+    code, out, _ = run_cli(capsys, "--epsilon", "8", "--insecure-no-noise")
+    assert code == 3 and "INCONCLUSIVE" in out and "PASS" not in out
+    code, out, _ = run_cli(capsys, "--epsilon", "8", "--canaries", "1000", "--json")
+    report = json.loads(out)
+    assert code == 3 and report["passed"] is True and report["conclusive"] is False
+    assert report["epsilon"] >= report["max_detectable_epsilon"]
+
+
+def test_cli_refuses_canaries_that_cannot_show_any_epsilon(capsys):
+    code, _, err = run_cli(capsys, "--canaries", "2", "--steps", "3", "--insecure-no-noise")
+    assert code == 2 and "2 canaries cannot show any epsilon > 0" in err and err.count("\n") == 1
+
+
+def test_statistics_refuse_a_bad_tolerance_or_confidence():
+    import numpy as np
+
+    from dprandp.audit.statistics import audit_scores, epsilon_lower_bound
+    from dprandp.errors import InputError
+
+    kw = dict(num_canaries=1000, num_guesses=200, num_correct=150, delta=0.0)
+    assert epsilon_lower_bound(**kw) == pytest.approx(0.8214, abs=1e-3)
+    for tol in (0.0, float("nan"), -1.0):  # 0 searched forever, nan returned 0
+        with pytest.raises(InputError, match="tol must be"):
+            epsilon_lower_bound(**kw, tol=tol)
+    inc = np.arange(1000) % 2 == 0
+    for confidence in (0.0, -1.0, -50.0, 1.0):  # 0 and -1 gave bounds; -50 named -7.5
+        with pytest.raises(InputError, match=f"confidence must be in \\(0, 1\\), got {confidence}"):
+            audit_scores(inc.astype(float), inc, delta=0.0, confidence=confidence)

@@ -261,3 +261,20 @@ def test_resume_may_lower_the_physical_batch_and_nothing_else(interrupted):
     assert "physical_batch_size = 4 (was 16)" in done.stderr
     assert json.loads((run / "config.json").read_text())["train"]["physical_batch_size"] == 4
     assert (run / "summary.json").is_file()
+
+
+def test_an_output_inside_class_folders_is_refused(tmp_path):
+    """A run written inside an imagefolder --data became a class of the next read (found in review)."""
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), (40 * i, 200 if cls == "cat" else 0, 0)).save(tmp_path / "images" / cls / f"{i}.png")
+    for command, extra in (("train", ["--prior", "none"]), ("run", [])):
+        got = subprocess.run([sys.executable, "-m", "dprandp", command, "--preset", "demo", "--dataset", "imagefolder",
+                              "--data", str(tmp_path / "images"), "--out", str(tmp_path / "images" / "run1"), *extra],
+                             capture_output=True, text=True, env={**os.environ, "DPRANDP_CACHE": str(tmp_path / "c")})
+        assert got.returncode == 2 and got.stderr.count("\n") == 1, got.stderr
+        assert "whose folders are read as classes" in got.stderr
+        assert not (tmp_path / "images" / "run1").exists() and not (tmp_path / "c").exists()

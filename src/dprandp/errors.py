@@ -34,15 +34,21 @@ def check_writable(path: Path, what: str, overwrite: bool) -> None:
 
 
 def check_not_an_input(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *,
-                       deletes_tree: bool = False) -> None:
+                       deletes_tree: bool = False, trees: tuple[str, ...] = ()) -> None:
     """Refuse an output that is one of the inputs (``--overwrite`` would destroy it), or, when
-    writing ``out`` replaces a whole directory (``deletes_tree``), an input that lies inside it."""
+    writing ``out`` replaces a whole directory (``deletes_tree``), an input that lies inside it; and
+    an output inside an input read as a folder tree (flags in ``trees``, e.g. class folders: the
+    run's files would become images, or a class, of the next read)."""
     target = Path(out).resolve()
     for flag, path in inputs.items():
         if path is None:
             continue
         src = Path(path).resolve()
         require(src != target, f"{flag} {path} is also the output: choose another output path")
+        if flag in trees:
+            require(src not in target.parents,
+                    f"the output {out} lies inside {flag} {path}, whose folders are read as classes: a later "
+                    "read would take the output's files for images; choose an output outside it")
         if deletes_tree:
             require(target not in src.parents,
                     f"{flag} {path} lies inside the output directory {out}, which --overwrite would delete")

@@ -109,12 +109,19 @@ class AuditReport:
 
     @property
     def passed(self) -> bool:
-        """True when the audit found no evidence against the claim."""
+        """True when the audit found no evidence against the claim (see :attr:`conclusive`)."""
         return self.epsilon_lower_bound <= self.epsilon
+
+    @property
+    def conclusive(self) -> bool:
+        """Whether this audit could have failed: the claim lies below the ceiling. A claim at or above
+        it passes whatever the engine does (even with no noise), so such a pass is no evidence."""
+        return self.epsilon < self.max_detectable_epsilon
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "bound"}
         out["passed"] = self.passed
+        out["conclusive"] = self.conclusive
         out.update({f"guess_{k}": v for k, v in self.bound.to_dict().items()
                     if k in ("k_plus", "k_minus", "num_guesses", "num_correct", "candidates")})
         return out
@@ -188,6 +195,9 @@ def max_detectable_epsilon(num_canaries: int, *, delta: float, confidence: float
 def run_audit(config: AuditConfig) -> AuditReport:
     """Calibrate the noise for the claimed ε, train once with canaries, and bound ε from below."""
     start = time.perf_counter()
+    ceiling = max_detectable_epsilon(config.num_canaries, delta=config.target_delta, confidence=config.confidence)
+    require(ceiling > 0, f"{config.num_canaries} canaries cannot show any epsilon > 0 at {config.confidence:g} "
+            "confidence (even if every guess were right): use more canaries (e.g. 1000)")
     if config.noise_multiplier is None:
         calibration = calibrate_noise(
             target_epsilon=config.target_epsilon, target_delta=config.target_delta, phases=[config.phase(1.0)]
@@ -213,7 +223,7 @@ def run_audit(config: AuditConfig) -> AuditReport:
     return AuditReport(
         epsilon=claimed,
         epsilon_lower_bound=bound.epsilon_lower_bound,
-        max_detectable_epsilon=max_detectable_epsilon(config.num_canaries, delta=config.target_delta, confidence=config.confidence),
+        max_detectable_epsilon=ceiling,
         delta=config.target_delta,
         confidence=config.confidence,
         noise_multiplier=sigma,

@@ -97,6 +97,7 @@ def epsilon_lower_bound(
     whether or not the p-value is monotone in ε.
     """
     require(0.0 < confidence < 1.0, f"confidence must be in (0, 1), got {confidence}")
+    require(math.isfinite(tol) and tol > 0, f"tol must be a finite number > 0, got {tol}")  # 0 never ends the search
     level = 1.0 - confidence
 
     def rejects(eps: float) -> bool:
@@ -176,6 +177,8 @@ def audit_scores(
     Every (k+, k-) in ``grid`` is tested at level ``(1 - confidence) / len(grid)``; the largest
     resulting bound is reported (valid at ``confidence`` by the union bound).
     """
+    # Checked here: the per-test level below would turn a bad value into another one in the message.
+    require(0.0 < confidence < 1.0, f"confidence must be in (0, 1), got {confidence}")
     scores = np.asarray(scores, dtype=np.float64)
     included = np.asarray(included, dtype=bool)
     require(scores.shape == included.shape and scores.ndim == 1, "scores and membership must be 1-D arrays of equal length")

@@ -27,7 +27,7 @@ from dprandp.errors import InputError
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of canaries, sampling and (audit) noise")
 @click.option("--insecure-no-noise", is_flag=True,
               help="BREAKS PRIVACY ON PURPOSE: run the engine with sigma = 0 while claiming epsilon, "
-                   "to show that the audit catches it")
+                   "to show that the audit catches it (when the claim is below the ceiling of --canaries)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(epsilon, noise_multiplier, delta, canaries, steps, sample_rate, confidence, seed,
             insecure_no_noise, as_json) -> int:
@@ -35,7 +35,9 @@ def command(epsilon, noise_multiplier, delta, canaries, steps, sample_rate, conf
     membership guesses into a lower bound on epsilon at --confidence (Steinke, Nasr & Jagielski 2023).
 
     A correct engine gives a lower bound at or below the claimed epsilon; a bound above it
-    means the engine leaks more than its accountant claims.
+    means the engine leaks more than its accountant claims. Exit status: 0 PASS, 1 FAIL, 3
+    INCONCLUSIVE (the claim is at or above the largest epsilon this many canaries can show, so
+    the audit could not have failed), 2 bad input.
     """
     if epsilon is not None and noise_multiplier is not None:
         raise InputError("give either --epsilon or --noise-multiplier, not both")
@@ -65,9 +67,13 @@ def command(epsilon, noise_multiplier, delta, canaries, steps, sample_rate, conf
                    f"{b.k_plus} + {b.k_minus} guesses, {b.num_correct} correct)")
         click.echo(f"ceiling:  {report.num_canaries} canaries cannot show more than epsilon = "
                    f"{report.max_detectable_epsilon:.2f}  ({report.seconds:.1f} s)")
-        if report.passed:
-            click.echo("result:   PASS (no evidence that the engine leaks more than claimed)")
-        else:
+        if not report.passed:
             click.echo(f"result:   FAIL (the engine leaks more than claimed: "
                        f"{report.epsilon_lower_bound:.3f} > {report.epsilon:.3f})")
-    return 0 if report.passed else 1
+        elif not report.conclusive:
+            click.echo(f"result:   INCONCLUSIVE (the claim epsilon = {report.epsilon:.3f} is at or above what "
+                       f"{report.num_canaries} canaries can show, {report.max_detectable_epsilon:.2f}: this audit "
+                       "would pass any engine; use more --canaries or audit a smaller --epsilon)")
+        else:
+            click.echo("result:   PASS (no evidence that the engine leaks more than claimed)")
+    return 1 if not report.passed else 3 if not report.conclusive else 0

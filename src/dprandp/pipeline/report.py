@@ -168,7 +168,9 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
         claim = (f"The released model satisfies ({s['epsilon']:.3f}, {s['delta']:g})-differential privacy "
                  f"with respect to the {s['num_train']} training images (add/remove one image), by the "
                  f"{s['accountant'].upper()} accountant composing every step in <code>ledger.jsonl</code> "
-                 "(Poisson sampling, Gaussian noise, per-sample clipping).")
+                 "(Poisson sampling, Gaussian noise, per-sample clipping). The number of training images "
+                 "(which sets q and the noise), the classes and the train/validation split are treated as public, "
+                 "as in other DP-SGD libraries.")
     else:
         claim = (f"This run is a candidate of a private hyperparameter search (dprandp tune). If the search "
                  f"selects it, the <code>model.pt</code> it writes next to <code>tuning.json</code> satisfies "

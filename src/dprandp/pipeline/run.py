@@ -129,7 +129,8 @@ def run_all(config: RunConfig, *, out, overwrite: bool = False, progress: bool |
 
             # a bad --device, like a bad --out, is refused before Phase I
             device = resolve_device(tc.device, world_size=_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-            check_not_an_input(out, {"--data": tc.data}, deletes_tree=True)
+            check_not_an_input(out, {"--data": tc.data}, deletes_tree=True,
+                               trees=("--data",) if tc.dataset == "imagefolder" else ())
             check_run_dir(out, overwrite=overwrite)
             data = load_dataset(tc.dataset, tc.data, val_fraction=tc.val_fraction, val_seed=tc.seed)
             make_plan(tc, data.num_train)

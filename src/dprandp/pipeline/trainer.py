@@ -257,7 +257,8 @@ def train(config: TrainConfig, *, out: str | Path, overwrite: bool = False, prog
     out = rank_run_dir(out, ctx)
     t0 = time.time()
     config = config.with_absolute_paths()  # --resume from another directory must find the same files
-    check_not_an_input(out, {"--data": config.data, "--prior": config.prior}, deletes_tree=True)
+    check_not_an_input(out, {"--data": config.data, "--prior": config.prior}, deletes_tree=True,
+                       trees=("--data",) if config.dataset == "imagefolder" else ())
     check_run_dir(out, overwrite=overwrite)
     if data is None:
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
