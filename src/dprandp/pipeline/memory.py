@@ -17,7 +17,8 @@ import torch
 from dprandp.errors import require
 from dprandp.models import create_model
 from dprandp.pipeline.config import TrainConfig
-from dprandp.privacy.memory import TYPICAL_PEAK_FACTOR, available_bytes, chunk_bytes_lower_bound, saved_bytes_per_view
+from dprandp.privacy.clipping import resolve_method
+from dprandp.privacy.memory import PEAK_FACTOR, available_bytes, chunk_bytes_lower_bound, saved_bytes_per_view
 
 
 def trainable_in_phase(model: torch.nn.Module, config: TrainConfig, phase: str) -> dict[str, bool]:
@@ -36,7 +37,8 @@ def _gb(n: float) -> str:
 def check_chunk_fits(config: TrainConfig, *, num_classes: int, view_shape: tuple[int, int, int],
                      device: torch.device, world_size: int = 1, log=None) -> None:
     """Raise :class:`~dprandp.errors.InputError` when one physical chunk needs more memory than
-    ``device`` has free; log a warning when it may not fit (the bound times the typical peak factor)."""
+    ``device`` has free; log a warning when it may not fit (the bound times the clipping route's
+    measured peak factor, :data:`~dprandp.privacy.memory.PEAK_FACTOR`)."""
     available = available_bytes(device)
     phases = [phase for phase, steps, on_views in (
         ("II", config.phase2_steps, config.phase2_features != "cached"), ("III", config.phase3_steps, True))
@@ -44,6 +46,7 @@ def check_chunk_fits(config: TrainConfig, *, num_classes: int, view_shape: tuple
     if available is None or not phases:
         return
     model = create_model(config.model, head_pool=config.head_pool, num_classes=num_classes, seed=0)
+    factor = PEAK_FACTOR[resolve_method(model, "auto")]  # the route the Phase III engine takes
     per_view = 0
     for phase in phases:
         for name, p in model.named_parameters():
@@ -56,7 +59,7 @@ def check_chunk_fits(config: TrainConfig, *, num_classes: int, view_shape: tuple
     per_sample = chunk_bytes_lower_bound(per_view, view_shape, physical_batch_size=1, augmult=k)
     need = chunk * per_sample * sharing
     where = "this machine" if device.type == "cpu" else str(device)
-    fits = int(available // (TYPICAL_PEAK_FACTOR * per_sample * sharing))
+    fits = int(available // (factor * per_sample * sharing))
     lower = (f"lower --physical-batch-size to {fits} or less (memory only: the same privacy guarantee "
              "and the same training in distribution)" if fits >= 1 else
              f"even one sample's {k} views do not fit: lower --augmult")
@@ -64,6 +67,6 @@ def check_chunk_fits(config: TrainConfig, *, num_classes: int, view_shape: tuple
             + (f" on each of {sharing} ranks together" if sharing > 1 else "")
             + f" ({per_view / 1e6:.3g} MB kept per view for the backward pass)")
     require(need <= available, f"{what}, but {where} has {_gb(available)} free: {lower}")
-    if need * TYPICAL_PEAK_FACTOR > available and log is not None:
-        log(f"warning: {what} and typically up to {TYPICAL_PEAK_FACTOR:g}x that; {where} has {_gb(available)} "
+    if need * factor > available and log is not None:
+        log(f"warning: {what} and up to {factor:g}x that; {where} has {_gb(available)} "
             f"free, so it may run out of memory: {lower}")

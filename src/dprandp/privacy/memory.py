@@ -8,10 +8,10 @@ one is one image's share, free of what is saved once per pass (the parameters, t
     p * K * (saved_bytes_per_view + one float view)
 
 bytes are needed at least. Per-sample gradients and the backward pass's temporaries come on top
-(on the CPU the real peak was 1.8x this bound for WRN-16-1 and 2.3x for WRN-16-4, layer-wise
-clipping; BENCHMARKS.md), so a chunk whose bound exceeds the free memory cannot run. Refusing it up
-front is the point: otherwise the kernel's OOM killer ends the process minutes or hours into a
-run, with exit status 137 and no message.
+(on the CPU the real peak was 1.4-3.5x this bound with layer-wise clipping, 5.2x with vmap;
+BENCHMARKS.md, ``memory_bound``), so a chunk whose bound exceeds the free memory cannot run.
+Refusing it up front is the point: otherwise the kernel's OOM killer ends the process minutes or
+hours into a run, with exit status 137 and no message.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-#: The measured peak of a chunk over :func:`chunk_bytes_lower_bound` (1.8-2.3x on the CPU, rounded up):
-#: a chunk whose bound times this exceeds the free memory may not fit (a warning, not a refusal).
-TYPICAL_PEAK_FACTOR = 2.5
+#: The largest measured peak of a chunk over :func:`chunk_bytes_lower_bound` per clipping route, rounded
+#: up (CPU; bench/memory_bound.py: layer-wise 1.4-3.5x, the most in bf16; vmap 5.2x): a chunk whose
+#: bound times this exceeds the free memory may not fit (a warning, not a refusal).
+PEAK_FACTOR = {"layerwise": 4.0, "vmap": 6.0}
 
 
 def saved_bytes_per_view(model: nn.Module, view_shape: tuple[int, int, int], *, precision: str = "fp32") -> int:
