@@ -283,6 +283,14 @@ def test_a_grid_that_would_change_the_mechanism_or_is_empty_is_refused(tmp_path,
     assert not (tmp_path / "search").exists()
 
 
+def test_a_candidate_whose_chunk_cannot_fit_in_memory_is_refused_before_the_search(tmp_path):
+    """Inside the search a failing run only counts as lost: a grid value no machine can hold (10^5 views
+    per sample) would have spent budget on runs that all failed; it is refused before anything is written."""
+    with pytest.raises(InputError, match="physical chunk of .* x 100000 views"):
+        _tiny_search(tmp_path, 0, augmult=[1, 100000])
+    assert not (tmp_path / "search").exists()
+
+
 def test_a_search_without_a_validation_split_is_refused_before_it_writes(tmp_path):
     with pytest.raises(InputError, match="val-fraction"):
         _tiny_search(tmp_path, 0, val_fraction=0.0)

@@ -100,7 +100,7 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
     from dprandp.data import load_dataset
     from dprandp.models import create_model
     from dprandp.pipeline.rundir import atomic_write_json, check_run_dir
-    from dprandp.pipeline.trainer import Plan, build_model, resolve_device, sample_rate_for, train
+    from dprandp.pipeline.trainer import Plan, build_model, check_memory, resolve_device, sample_rate_for, train
 
     log = log or (lambda msg: None)
     out = Path(out)
@@ -120,8 +120,10 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
             "tuning scores runs on a validation split: pass --val-fraction (e.g. 0.1)")
     # What every run would fail on (the device, the prior) is refused now, before any budget is spent:
     # inside the search a failed run only counts as one that lost.
-    resolve_device(base.device)
+    device = resolve_device(base.device)
     build_model(base, data.num_classes)
+    for config in candidates:  # a chunk that cannot fit in memory (the grid may vary augmult or the batch)
+        check_memory(config, data, device, log)
     shape = Plan(num_train=data.num_train, sample_rate=sample_rate_for(base, data.num_train), noise_multiplier=0.0,
                  planned_epsilon=0.0)
     phases = shape.phases(base)
