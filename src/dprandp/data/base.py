@@ -10,6 +10,7 @@ split and the problem. Keeping the data as uint8 NHWC costs 3 KB per image, so C
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -77,10 +78,7 @@ def to_uint8_nhwc(images: np.ndarray, *, split: str, source: str) -> np.ndarray:
     if x.dtype == np.uint8:
         pass
     elif np.issubdtype(x.dtype, np.floating):
-        require(bool(np.isfinite(x).all()), f"{where} contain NaN or infinite pixels")
-        require(x.min() >= 0.0 and x.max() <= 1.0,
-                f"{where}: float pixels must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
-        x = np.rint(x * 255.0).astype(np.uint8)
+        x = float_pixels_to_uint8(x, where=where)
     elif np.issubdtype(x.dtype, np.integer) and not np.issubdtype(x.dtype, np.bool_):
         require(x.min() >= 0 and x.max() <= 255, f"{where}: integer pixels must lie in 0..255")
         x = x.astype(np.uint8)
@@ -91,6 +89,19 @@ def to_uint8_nhwc(images: np.ndarray, *, split: str, source: str) -> np.ndarray:
     if x.shape[1:3] != (RESOLUTION, RESOLUTION):
         x = resize_uint8(x, RESOLUTION)
     return np.ascontiguousarray(x)
+
+
+def float_pixels_to_uint8(x: np.ndarray, *, where: str) -> np.ndarray:
+    """Float pixels in [0, 1] -> uint8 (scaled by 255); NaN, infinite or out-of-range pixels are refused.
+
+    The one rule for float images, shared by arrays (``.npz``, ``.npy``) and float image files (PIL
+    mode ``F``, e.g. a float TIFF), so the same picture reads the same whichever way it is stored.
+    """
+    require(bool(np.isfinite(x).all()), f"{where} contain NaN or infinite pixels")
+    low, high = float(x.min()), float(x.max())
+    require(low >= 0.0 and high <= 1.0,
+            f"{where}: float pixels must lie in [0, 1] (they are scaled by 255), got [{low:.3g}, {high:.3g}]")
+    return np.rint(x * 255.0).astype(np.uint8)
 
 
 def resize_uint8(x: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
@@ -118,7 +129,38 @@ def to_labels(labels: np.ndarray, *, n: int, split: str, source: str) -> np.ndar
                 f"{where} must be whole numbers")
     elif not np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
         raise InputError(f"{where} have unsupported dtype {y.dtype} (use integers)")
+    # Range-check before the cast: numpy turns a float 1e30 or a uint64 above 2**63 into an unrelated
+    # int64 (with at most a warning), which would then pass, or fail, the class checks as that value.
+    if y.size:
+        low, high = y.min(), y.max()
+        require(-_LABEL_LIMIT <= low and high <= _LABEL_LIMIT,
+                f"{where} must be class indices, found {high if high > _LABEL_LIMIT else low}")
     return y.astype(np.int64)
+
+
+#: Largest label magnitude accepted before the int64 cast (2**53: floats are still whole numbers there).
+_LABEL_LIMIT = 2**53
+
+
+def clean_class_names(raw, *, source: str) -> tuple[str, ...]:
+    """Declared class names as a tuple of str: bytes (numpy ``S`` arrays, e.g. CIFAR's pickled
+    ``label_names``) are decoded, and empty or duplicate names, which would make predictions
+    ambiguous or unreadable, are refused."""
+    names = []
+    for c in np.asarray(raw).reshape(-1).tolist():
+        if isinstance(c, bytes):
+            try:
+                c = c.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{source}: class name {c!r} is not UTF-8 text") from None
+        names.append(str(c))
+    empty = [i for i, c in enumerate(names) if not c.strip()]
+    if empty:
+        raise InputError(f"{source}: class name {empty[0]} (counting from 0) is empty: give every class a name")
+    dupes = [c for c, count in Counter(names).items() if count > 1]
+    if dupes:
+        raise InputError(f"{source}: class name {dupes[0]!r} appears more than once: class names must be distinct")
+    return tuple(names)
 
 
 def make_image_data(*, name: str, x_train, y_train, x_test, y_test, source: str,
@@ -129,7 +171,9 @@ def make_image_data(*, name: str, x_train, y_train, x_test, y_test, source: str,
     ``num_classes`` is the declared class count (CIFAR-10: 10; from ``class_names`` if given);
     without one it is inferred as ``max(label) + 1`` over the test and validation splits, never from
     the private training labels: a class that only one training record has would otherwise show in
-    the released model's head, and so reveal that record. Training labels outside it are refused.
+    the released model's head, and so reveal that record. Training labels outside it are refused, and
+    so are public labels with gaps (some class in ``0..max`` with no public label): declare the classes
+    instead. ``class_names`` are released in the model file, so they must be public.
     """
     splits = {"train": (x_train, y_train), "test": (x_test, y_test)}
     if x_val is not None:
@@ -139,7 +183,7 @@ def make_image_data(*, name: str, x_train, y_train, x_test, y_test, source: str,
         xs[split] = to_uint8_nhwc(x, split=split, source=source)
         ys[split] = to_labels(y, n=xs[split].shape[0], split=split, source=source)
     if class_names is not None:
-        class_names = tuple(str(c) for c in np.asarray(class_names).reshape(-1).tolist())
+        class_names = clean_class_names(class_names, source=source)
         if num_classes is None:
             num_classes = len(class_names)
         require(len(class_names) == num_classes,
@@ -150,7 +194,15 @@ def make_image_data(*, name: str, x_train, y_train, x_test, y_test, source: str,
         require(public_y.size > 0, f"{source}: cannot infer the number of classes from an empty test split; "
                 "declare them (class_names)")
         require(int(public_y.min()) >= 0, f"{source}: labels must be >= 0, got {int(public_y.min())}")
-        num_classes = int(public_y.max()) + 1
+        # A gap means some class has no public label at all: most often one stray label (255 for
+        # "unknown", a typo such as 10**9) that would set the head size (256 classes, or an out-of-memory).
+        public = " and ".join(split for split in ys if split != "train")
+        distinct, top = np.unique(public_y).size, int(public_y.max())
+        require(distinct == top + 1,
+                f"{source}: the {public} labels reach {top} but hold only {distinct} distinct values, so "
+                f"{top + 1 - distinct} of the {top + 1} classes inferred from them would have no {public} image "
+                "(a stray label?): fix the labels, or declare the classes (class_names)")
+        num_classes = top + 1
     for split, y in ys.items():
         bad = (y < 0) | (y >= num_classes)
         if bad.any():

@@ -10,8 +10,9 @@
                ``val_*``, ``test_*``), any 2D subset, 28 px -> 32 px, grayscale -> RGB;
                a missing file named like a subset (``pathmnist.npz``) is downloaded by the
                ``medmnist`` package when online.
-``imagefolder`` a folder of class folders, either ``train/`` + ``test/`` or one set split
-               with a fixed seed.
+``imagefolder`` a folder of class folders, either ``train/`` + ``test/`` (class names from
+               ``test/``) or one set split with a fixed seed; folder names are released as
+               class names.
 ``npz``        any ``.npz`` with the four CIFAR-style keys (optional ``class_names``).
 =============  ==========================================================================
 """
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from dprandp.data.base import ImageData, make_image_data, seeded_split
+from dprandp.data.base import ImageData, float_pixels_to_uint8, make_image_data, seeded_split
 from dprandp.errors import InputError, require
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -108,7 +110,7 @@ _CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 def load_cifar(path: str | None, *, name: str) -> ImageData:
     """CIFAR-10/100 from an ``.npz`` or a torchvision root folder (downloaded when online)."""
     classes = _CIFAR_CLASSES[name]
-    if path is not None and str(path).endswith(".npz"):
+    if path is not None and Path(path).suffix.lower() == ".npz":  # CIFAR10.NPZ too
         return load_npz(path, name=name, num_classes=classes)
     root = Path(path) if path is not None else default_data_root()
     require(not root.is_file(), f"{name}: {root} is a file but not an .npz; pass an .npz or a torchvision root folder")
@@ -183,12 +185,46 @@ def load_medmnist(path: str | None) -> ImageData:
 
 
 # --------------------------------------------------------------------------------- imagefolder
+#: Folders that are never classes: macOS's zip archiver adds ``__MACOSX`` (resource forks, ``._x.png``).
+NOT_CLASS_FOLDERS = frozenset({"__MACOSX"})
+
+#: The two layouts, for the messages that refuse anything else.
+LAYOUTS = ("the layouts are ROOT/train/<class>/ + ROOT/test/<class>/ (class names come from test/, the public "
+           "held-out set; a val/ folder is not read), or the class folders directly under ROOT (ROOT/<class>/, "
+           "split with a fixed seed)")
+
+
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    """The sub-folders of ``root`` read as classes: hidden ones (``.git``, ``.ipynb_checkpoints``) and
+    macOS's ``__MACOSX`` are skipped, as they would otherwise become classes with no image of their own."""
+    return sorted(d for d in root.iterdir()
+                  if d.is_dir() and not d.name.startswith(".") and d.name not in NOT_CLASS_FOLDERS)
 
 
-#: PIL modes whose pixels may exceed 8 bits (16-bit grayscale PNG/TIFF, 32-bit integer, float).
-WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+def _is_image_file(f: Path) -> bool:
+    return f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")  # e.g. macOS's ._x.png
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files directly inside one class folder; a folder with none is refused, naming what
+    it holds instead (a class with no image would still be a class of the released model)."""
+    entries = sorted(folder.iterdir())
+    files = [f for f in entries if _is_image_file(f)]
+    if not files:
+        others = Counter(f.suffix or "(no suffix)" for f in entries if f.is_file() and not f.name.startswith("."))
+        held = [f"{n} {suffix} file{'s' * (n > 1)}" for suffix, n in sorted(others.items())]
+        hidden = sum(f.is_file() and f.name.startswith(".") for f in entries)
+        subfolders = sum(f.is_dir() and not f.name.startswith(".") for f in entries)
+        held += [f"{n} {what}{'s' * (n > 1)}" for what, n in (("hidden file", hidden), ("subfolder", subfolders)) if n]
+        raise InputError(f"imagefolder: class folder {folder} holds no image file "
+                         f"({'skipped: ' + ', '.join(held) if held else 'it is empty'}); images are read from "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))} files directly inside a class folder: convert "
+                         "them, or remove the folder")
+    return files
+
+
+#: PIL modes whose pixels may exceed 8 bits (16-bit grayscale PNG/TIFF, 32-bit integer); float (``F``) has its own rule.
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def _eight_bit(pixels: np.ndarray, path: Path) -> np.ndarray:
@@ -202,14 +238,21 @@ def _eight_bit(pixels: np.ndarray, path: Path) -> np.ndarray:
 
 def read_image_file(path: Path) -> np.ndarray:
     """One image file as uint8 (32, 32, 3) RGB, resized with PIL's bilinear filter where needed: the
-    preparation of every image read from a file (training folders and ``dprandp predict`` alike)."""
-    from PIL import Image, UnidentifiedImageError
+    preparation of every image read from a file (training folders and ``dprandp predict`` alike).
+
+    The EXIF orientation is applied (a phone photo is read upright, as it is shown); float pixels (PIL
+    mode ``F``, e.g. a float TIFF) follow the rule of float arrays: values in [0, 1], scaled by 255.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from dprandp.data.base import RESOLUTION
 
     try:
         with Image.open(path) as im:
-            if im.mode in WIDE_MODES:  # 16-bit or float pixels: PIL's convert would clip them at 255
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "F":
+                im = Image.fromarray(float_pixels_to_uint8(np.asarray(im), where=f"image {path}"))
+            elif im.mode in WIDE_MODES:  # 16- or 32-bit integer pixels: PIL's convert would clip them at 255
                 im = Image.fromarray(_eight_bit(np.asarray(im), path))
             im = im.convert("RGB")
             if im.size != (RESOLUTION, RESOLUTION):
@@ -217,47 +260,72 @@ def read_image_file(path: Path) -> np.ndarray:
             return np.array(im, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
     except InputError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's guard against a small file that decodes to gigabytes
+        detail = str(exc).split(", could be")[0]
+        raise InputError(f"cannot read image {path}: too large ({detail}); shrink it first (it is read at "
+                         f"{RESOLUTION} x {RESOLUTION} px)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"cannot read image {path} ({type(exc).__name__})") from None
 
 
-def _read_folder(root: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        folder = root / name
-        require(folder.is_dir(), f"imagefolder: class folder {folder} is missing")
-        for f in sorted(folder.iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES or f.name.startswith("."):  # e.g. macOS's ._x.png
-                continue
-            try:
-                images.append(read_image_file(f))
-            except InputError as exc:
-                raise InputError(f"imagefolder: {exc}") from None
-            labels.append(label)
-    require(len(images) > 0, f"imagefolder: no images under {root}")
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+def _read_classes(folders: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of (class folder, label) pairs; every folder is listed (and an empty one
+    refused) before any image is decoded."""
+    files = [(f, label) for folder, label in folders for f in _image_files(folder)]
+    images = []
+    for f, _ in files:
+        try:
+            images.append(read_image_file(f))
+        except InputError as exc:
+            raise InputError(f"imagefolder: {exc}") from None
+    return np.stack(images), np.asarray([label for _, label in files], dtype=np.int64)
+
+
+def _split_folders(root: Path) -> list[Path]:
+    """``train/``, ``test/`` or ``val/`` folders of ``root`` that hold class folders and no image: split
+    folders of an incomplete train/test layout, not classes (a class may well be called "train")."""
+    return [d for d in _class_dirs(root)
+            if d.name in ("train", "test", "val") and _class_dirs(d) and not any(map(_is_image_file, d.iterdir()))]
 
 
 def load_imagefolder(path: str | None, *, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     """Class folders: ``ROOT/train/<class>/*`` + ``ROOT/test/<class>/*``, or ``ROOT/<class>/*``
-    split with a fixed seed (``test_fraction`` held out)."""
+    split with a fixed seed (``test_fraction`` held out).
+
+    The class names are released with the model (its class names and output head), unprotected by
+    epsilon, so they must be public metadata. With ``train/`` + ``test/`` they are taken from
+    ``test/``, the public held-out set, never from the private ``train/``: a class folder only
+    ``train/`` has is refused (its name could reveal the few records in it). With one folder tree the
+    folder names are the user's declaration of the classes, and are released as they are.
+    ``__MACOSX`` and hidden folders are skipped; a class folder with no image file is refused.
+    """
     require(path is not None, "the imagefolder dataset needs --data DIR")
     root = Path(path)
     require(root.is_dir(), f"imagefolder: {root} is not a directory")
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        classes = [d.name for d in _class_dirs(root / "train")]
-        test_classes = [d.name for d in _class_dirs(root / "test")]
-        require(set(test_classes) <= set(classes),
-                f"imagefolder: test classes {sorted(set(test_classes) - set(classes))} are not in train")
-        x_tr, y_tr = _read_folder(root / "train", classes)
-        x_te, y_te = _read_folder(root / "test", [c for c in classes if c in test_classes])
-        # map test labels back to the train class indices
-        idx = {c: i for i, c in enumerate(classes)}
-        y_te = np.asarray([idx[c] for c in [c for c in classes if c in test_classes]])[y_te]
+    train_dir, test_dir = root / "train", root / "test"
+    if train_dir.is_dir() and test_dir.is_dir():
+        classes = [d.name for d in _class_dirs(test_dir)]
+        require(len(classes) > 0, f"imagefolder {root}: test/ holds no class folder; {LAYOUTS}")
+        train_only = [d.name for d in _class_dirs(train_dir) if d.name not in classes]
+        require(not train_only,
+                f"imagefolder {root}: class folder(s) {', '.join('train/' + c for c in train_only)} have no "
+                "counterpart under test/: class names are taken from test/ only, because a name found only among "
+                "the private training images would be released with the model, unprotected by epsilon; add test "
+                "images of that class under test/, or move those training images out of train/")
+        train_folders = [(train_dir / c, i) for i, c in enumerate(classes) if (train_dir / c).is_dir()]
+        require(len(train_folders) > 0, f"imagefolder {root}: train/ holds no class folder; {LAYOUTS}")
+        x_tr, y_tr = _read_classes(train_folders)
+        x_te, y_te = _read_classes([(test_dir / c, i) for i, c in enumerate(classes)])
     else:
+        splits = _split_folders(root)
+        if splits:
+            missing = " or ".join(f"{s}/" for s in ("train", "test") if not (root / s).is_dir())
+            raise InputError(f"imagefolder {root}: {' and '.join(d.name + '/' for d in splits)} "
+                             f"hold{'s' * (len(splits) == 1)} class folders but there is no {missing}; {LAYOUTS}")
         classes = [d.name for d in _class_dirs(root)]
-        require(len(classes) >= 2, f"imagefolder: {root} needs at least 2 class folders, found {len(classes)}")
-        x, y = _read_folder(root, classes)
+        require(len(classes) >= 2, f"imagefolder {root}: needs at least 2 class folders, found {len(classes)}"
+                                   f"{' (' + ', '.join(classes) + ')' if classes else ''}; {LAYOUTS}")
+        x, y = _read_classes([(root / c, i) for i, c in enumerate(classes)])
         train, test = seeded_split(len(x), test_fraction=test_fraction, seed=seed)
         x_tr, y_tr, x_te, y_te = x[train], y[train], x[test], y[test]
     return make_image_data(name="imagefolder", source=f"imagefolder {root}", num_classes=len(classes),
