@@ -24,6 +24,11 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+# Fast path vs full-width reference, relative error in norm and in max |.|: measured <= 6.5e-7 on these cases and
+# more seeds (8-32 px; <= 1.8e-6 at 64 px), float32 rounding. About 3x margin; stylegan_fast's docstring cites it.
+FAST_TOL = 2e-6
+
+
 # ---- registry ---------------------------------------------------------------------------------
 
 def test_registry_names_and_descriptions():
@@ -154,8 +159,8 @@ def test_fast_equals_full_width_reference(name, size, seed):
     fast = p.network_output(idx, seed=seed, size=size)
     ref = p.network_output(idx, seed=seed, size=size, reference=True)
     for f, r in zip(fast, ref):
-        assert rel_err(f, r) <= 1e-4
-        assert np.abs(f - r).max() <= 1e-4 * np.abs(r).max()
+        assert rel_err(f, r) <= FAST_TOL
+        assert np.abs(f - r).max() <= FAST_TOL * np.abs(r).max()
     same = p.render(idx, seed=seed, size=size) == p.render_reference(idx, seed=seed, size=size)
     assert same.mean() > 0.999  # uint8 truncation may flip a rare value at a boundary
 
@@ -171,7 +176,7 @@ def test_fast_equals_reference_when_channels_shrink(monkeypatch):
     for seed in (0, 1):
         fast = p.network_output([0, 1], seed=seed, size=16)
         ref = p.network_output([0, 1], seed=seed, size=16, reference=True)
-        assert max(rel_err(f, r) for f, r in zip(fast, ref)) <= 1e-4
+        assert max(rel_err(f, r) for f, r in zip(fast, ref)) <= FAST_TOL
 
 
 def test_demodulation_epsilon_is_handled_exactly(monkeypatch):
@@ -183,7 +188,7 @@ def test_demodulation_epsilon_is_handled_exactly(monkeypatch):
             layer.gain[:5] = [1e-7, -1e-6, 1e-5, -3e-5, 1e-4]
     ref = [stylegan_reference.synthesize(prm) for prm in params]
     fast = stylegan_fast.synthesize_batch(params)
-    assert max(rel_err(f, r) for f, r in zip(fast, ref)) <= 1e-5
+    assert max(rel_err(f, r) for f, r in zip(fast, ref)) <= FAST_TOL
     monkeypatch.setattr(stylegan_fast, "EXACT_TOL", np.inf)  # pretend every channel is +-1/sqrt(S)
     naive = stylegan_fast.synthesize_batch(params)
     assert max(rel_err(f, r) for f, r in zip(naive, ref)) > 1e-3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -37,17 +38,35 @@ def command(process, num, size, seed, out, grid, workers, overwrite, no_progress
         for name in names:
             click.echo(f"{name:<{width}}  {describe_process(name)}")
         return
-    from dprandp.processes.store import GenerateRequest, check_request, generate
+    from dprandp.processes.store import TERMINATED, GenerateRequest, check_request, generate
 
     require(num is not None, "--num is required (or pass --list)")
     require(out is not None, "--out is required (or pass --list)")
     req = GenerateRequest(process=process, num=num, size=size, seed=seed, out=out, workers=workers,
                           overwrite=overwrite, grid=grid)
     check_request(req)
-    summary = generate(req, progress=False if no_progress else None)
+    try:
+        summary = generate(req, progress=False if no_progress else None)
+    except KeyboardInterrupt:  # not the DP-run message of `dprandp train`: generate has no run directory to resume
+        _interrupted("interrupted", out, 130)
+    except SystemExit as exc:
+        if exc.code != TERMINATED:
+            raise
+        _interrupted("terminated (SIGTERM)", out, TERMINATED)
     if as_json:
         emit_json(summary)
     else:
         click.echo(f"wrote {summary['out']}: {num} x {size} x {size} x 3 uint8 ({process}, seed {seed}) "
                    f"in {summary['seconds']:.1f} s ({summary['images_per_s']:.0f} img/s)"
                    + (f"; grid {summary['grid']}" if summary["grid"] else ""))
+
+
+def _interrupted(what: str, out: Path, code: int) -> NoReturn:
+    """One line and exit status ``code``: the temporary store is gone and OUT untouched, so rerunning is all."""
+    import sys
+
+    from dprandp.cli.main import fail
+
+    if sys.stderr.isatty():  # after the terminal's "^C" (and a progress bar), on a line of its own
+        click.echo(err=True)
+    fail(f"{what}; nothing was written to {out}: run the same command again to generate it", code=code)

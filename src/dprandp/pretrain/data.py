@@ -53,14 +53,11 @@ def validate_images(array, what: str) -> None:
 
 
 def content_fingerprint(array: np.ndarray, per_end: int = 8) -> str:
-    """SHA-256 of a few images from the start, middle and end of a store (cheap on a memory map): a
-    store regenerated in place with the same shape (another seed or process) no longer matches."""
-    import hashlib
+    """SHA-256 of a few images of a store: :func:`dprandp.processes.store.content_fingerprint`, defined
+    there because ``dprandp generate`` records it in the store's sidecar (and must not import Phase I)."""
+    from dprandp.processes.store import content_fingerprint as fingerprint
 
-    n = len(array)
-    picks = sorted({*range(min(per_end, n)), *range(max(0, n // 2 - per_end // 2), min(n, n // 2 + per_end // 2)),
-                    *range(max(0, n - per_end), n)})
-    return hashlib.sha256(np.ascontiguousarray(array[picks]).tobytes()).hexdigest()
+    return fingerprint(array, per_end)
 
 
 def open_store(path: str | os.PathLike) -> ArrayStore:
@@ -82,11 +79,37 @@ def open_store(path: str | os.PathLike) -> ArrayStore:
     for sidecar in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
         if sidecar.is_file():  # metadata a generator may have written beside the store
             try:
-                description["store_meta"] = json.loads(sidecar.read_text())
+                meta = json.loads(sidecar.read_text())
             except (OSError, ValueError):
-                pass
+                break
+            mismatch = sidecar_mismatch(meta, array, description["content_sha256"])
+            if mismatch is None:
+                description["store_meta"] = meta
+            else:  # a prior trained on these images must not claim the process and seed of others
+                description["store_meta_ignored"] = (f"{sidecar.name} ignored ({mismatch}): "
+                                                     "the store's process is unknown")
             break
     return ArrayStore(array, description=description)
+
+
+def sidecar_mismatch(meta, array: np.ndarray, fingerprint: str) -> str | None:
+    """Why a sidecar does not describe ``array``, or None when every field it records agrees with it.
+
+    The sidecar is a separate file: the array can be overwritten by other means (``np.save``, a copy)
+    and leave a stale one beside it. ``dprandp generate`` records shape, dtype and the content
+    fingerprint; older sidecars only ``num_images`` and ``size``, and a hand-written one may record
+    none of these (it is then taken at its word: a store without a sidecar is legitimate too).
+    """
+    if not isinstance(meta, dict):
+        return f"not a JSON object but {type(meta).__name__}"
+    height, width = array.shape[1:3]
+    have = {"num_images": array.shape[0], "size": height if height == width else f"{height}x{width}",
+            "shape": list(array.shape), "dtype": str(array.dtype), "content_sha256": fingerprint}
+    for key, value in have.items():
+        if key in meta and meta[key] != value:
+            return (f"it records {key} {meta[key]!r}, the store has {value!r}" if key != "content_sha256"
+                    else "it records other image contents (same shape; the store was rewritten)")
+    return None
 
 
 class ProcessSource:
