@@ -183,3 +183,17 @@ def test_ctrl_c_to_the_process_group_with_workers_is_one_line_and_leaves_nothing
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 130 and len(lines) == 1 and "nothing was written to c.npy" in lines[0], err[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pretrain_cli_says_when_it_ignores_a_stale_sidecar(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "a.npy"
+    _generate(out, process="dead-leaves-squares", num=12, size=16, seed=5)
+    np.save(out, get_process("dead-leaves-shapes").render(np.arange(32), seed=0, size=16))
+    got = subprocess.run([sys.executable, "-m", "dprandp", "pretrain", "--images", str(out), "--model", "wrn-10-1",
+                          "--hidden", "16", "--batch-size", "8", "--epochs", "1", "--threads", "1", "--precision", "fp32",
+                          "--out", str(tmp_path / "p.pt"), "--no-progress"], capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    assert "note: " in got.stderr and "ignored" in got.stderr and "process is unknown" in got.stderr

@@ -87,6 +87,9 @@ def command(images, process, num, size, preset_name, model, epochs, batch_size, 
                                 progress=sys.stderr.isatty() and not no_progress)
 
     pending = [busy_note] if busy_note else []
+    ignored = source.describe().get("store_meta_ignored") if images is not None else None
+    if ignored:
+        pending.insert(0, f"note: {ignored}")
 
     def log(msg: str) -> None:  # the thread note waits for pretrain()'s checks: an error stays one line
         while pending:
