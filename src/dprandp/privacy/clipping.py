@@ -101,45 +101,54 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float, margin: float = 0.0)
     return (max_grad_norm / ((norms + _EPS) * (1.0 + margin))).clamp(max=1.0)
 
 
-_CHECKED_INDEPENDENT: weakref.WeakSet = weakref.WeakSet()
+#: The layer-wise self-check's results: model -> {trainable parameter names: level passed}. A model is
+#: checked again when its trainable set changes (parameters unfrozen for a later phase are held to
+#: autograd too). Weak keys: having been checked does not keep a model alive.
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ALONE, _PAIR = 1, 2  # checks that need one sample (state, autograd) passed; the pair comparison passed too
 
 
-def _check_samples_independent(model: nn.Module, inputs, targets, *, loss_fn, multi_view) -> None:
-    """Refuse a model whose forward pass mixes the samples of a batch or updates its buffers.
+def _check_samples_independent(model: nn.Module, trainable, inputs, targets, *, loss_fn, multi_view) -> None:
+    """Refuse a model whose forward pass mixes the samples of a batch or changes its state.
 
     The layer-wise engine computes a whole chunk's per-sample gradients in one pass. That is exact
     only if each sample's output depends on that sample alone, which :func:`validate_model` checks
     for known layers (BatchNorm) but cannot see in code such as ``x - x.mean(0)`` in a custom
-    ``forward``. Once per model: sample 0's gradient norm computed beside sample 1 must equal its
-    norm computed alone. Both passes run in the model's own mode (a layer may mix samples only
-    when training), with dropout off and the same random seed, so randomness cannot tell them
-    apart; float32. A buffer the forward pass changes (running statistics of a custom layer) would
-    carry private data into the model without noise, so it is refused too, and restored. Costs
-    two tiny passes. The model counts as checked only once the check has passed.
+    ``forward``: sample 0's gradient norm computed beside sample 1 must equal its norm computed
+    alone. Both passes run in the model's own mode (a layer may mix samples only when training),
+    with dropout off and the same random seed, so randomness cannot tell them apart; float32. A
+    parameter or buffer the forward pass changes (running statistics of a custom layer, a frozen
+    parameter holding a sample) would carry private data into the model without noise, so it is
+    refused too, and restored.
 
     The same pass also checks the rules against autograd: sample 0's clipped gradient must equal
     the clipped gradient autograd computes for its loss alone. The rules see a parameter only
     through the forward hook of the module that owns it, so a weight shared by two modules, or a
-    parameter also read directly in a custom ``forward``, would silently lose part of its gradient
-    (clipping still bounds what is summed, but the model would learn from a wrong gradient).
+    parameter also read directly in a custom ``forward`` (``weight_norm``), would silently lose part
+    of its gradient (clipping still bounds what is summed, but the model would learn from a wrong one).
+
+    Once per model and trainable set, and only once it has passed; costs two or three tiny passes. A
+    chunk of one sample runs the state and autograd checks (chunks of one must not skip them), and the
+    pair comparison still runs at the first chunk of two or more.
     """
-    _CHECKED_INDEPENDENT.add(model)  # also keeps the two passes below from re-entering the check
-    try:
-        _run_independence_check(model, inputs, targets, loss_fn=loss_fn, multi_view=multi_view)
-    except BaseException:
-        _CHECKED_INDEPENDENT.discard(model)
-        raise
+    key = tuple(n for n, _ in trainable)
+    level = _PAIR if inputs.shape[0] >= 2 else _ALONE
+    if _CHECKED.get(model, {}).get(key, 0) >= level:
+        return
+    _run_independence_check(model, inputs[:level], targets[:level], loss_fn=loss_fn, multi_view=multi_view)
+    _CHECKED.setdefault(model, {})[key] = level
 
 
 def _run_independence_check(model: nn.Module, inputs, targets, *, loss_fn, multi_view) -> None:
     dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    saved = _snapshot_state(model)
     outs = []
     try:
         for m in dropouts:
             m.eval()
-        kw = dict(max_grad_norm=1.0, loss_fn=loss_fn, multi_view=multi_view, method="layerwise", precision="fp32")
-        for batch in (slice(0, 2), slice(0, 1)):
+        kw = dict(max_grad_norm=1.0, loss_fn=loss_fn, multi_view=multi_view, method="layerwise", precision="fp32",
+                  check=False)
+        for batch in (slice(0, 2), slice(0, 1)) if inputs.shape[0] >= 2 else (slice(0, 1),):
             with _same_random_draws(inputs.device):
                 outs.append(_clip_and_sum(model, inputs[batch], targets[batch], **kw))
         with _same_random_draws(inputs.device):
@@ -147,29 +156,86 @@ def _run_independence_check(model: nn.Module, inputs, targets, *, loss_fn, multi
     finally:
         for m in dropouts:
             m.train()
-        changed = [n for n, b in model.named_buffers() if n in buffers and not torch.equal(b, buffers[n])]
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
-    if changed:
-        raise InputError(
-            "the model's forward pass updates its buffers (" + ", ".join(changed[:3]) + "): they would carry "
-            "private data into the model without noise; remove the running statistics")
-    pair, alone = (out.per_sample_norms[0] for out in outs)
-    if not torch.isclose(pair, alone, rtol=1e-3, atol=1e-6):
-        raise InputError(
-            "the model's forward pass mixes the samples of a batch: sample 0's gradient norm is "
-            f"{float(pair):.6g} beside sample 1 and {float(alone):.6g} alone, so clipping would not bound one "
-            "sample's influence; remove the cross-sample operation (e.g. statistics over the batch dimension)")
+        changed = _restore_state(model, saved)
+        if changed:  # refused even if a pass failed too: the state is what would have leaked
+            params = {n for n, _ in model.named_parameters()}
+            what = " and ".join(w for w, hit in (("parameters", any(n in params for n in changed)),
+                                                  ("buffers", any(n not in params for n in changed))) if hit)
+            raise InputError(
+                f"the model's forward pass updates its {what} (" + ", ".join(changed[:3]) + "): they would carry "
+                "private data into the model without noise; keep the forward pass from writing them (e.g. remove "
+                "running statistics)")
+    alone = outs[-1]
+    if len(outs) == 2:
+        pair, single = outs[0].per_sample_norms[0], alone.per_sample_norms[0]
+        if not torch.isclose(pair, single, rtol=1e-3, atol=1e-6):
+            raise InputError(
+                "the model's forward pass mixes the samples of a batch: sample 0's gradient norm is "
+                f"{float(pair):.6g} beside sample 1 and {float(single):.6g} alone, so clipping would not bound one "
+                "sample's influence; remove the cross-sample operation (e.g. statistics over the batch dimension)")
     ref_norm = torch.sqrt(sum(g.double().square().sum() for g in reference.values()))
     factor = float(clip_factors(ref_norm, 1.0))
-    error = torch.sqrt(sum((outs[1].grad_sum[n].double() - factor * g.double()).square().sum()
+    error = torch.sqrt(sum((alone.grad_sum[n].double() - factor * g.double()).square().sum()
                            for n, g in reference.items()))
     if not error <= 1e-3 * factor * ref_norm + 1e-6:
         raise InputError(
             "the layer-wise per-sample gradients of this model differ from autograd's (a parameter shared "
             "by two modules, or read outside its module's forward, loses part of its gradient): use method='vmap'")
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter (trainable or frozen) and buffer by name: all a model carries from step to step."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _snapshot_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each state tensor with a copy of its value, for :func:`_restore_state`."""
+    return {n: (t, t.detach().clone()) for n, t in _state(model).items()}
+
+
+def _restore_state(model: nn.Module, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+    """Undo what a forward pass did to the model's state; return the names it changed.
+
+    A tensor written in place gets its value back; one the forward pass replaced (``self.b = ...``)
+    is put back in its module, and one it added is removed, so the model is as it was before."""
+    now = _state(model)
+    changed = []
+    with torch.no_grad():
+        for n, (t, value) in saved.items():
+            if now.get(n) is t and _same_values(t, value):
+                continue
+            changed.append(n)
+            if t.shape == value.shape:
+                t.copy_(value)
+            else:
+                t.data = value
+            if now.get(n) is not t:
+                _set_state(model, n, t)
+    for n in [n for n in now if n not in saved]:
+        changed.append(n)
+        _set_state(model, n, None)
+    return changed
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exactly equal, NaNs in the same places counting as equal (a NaN in a buffer is not a change)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+
+
+def _set_state(model: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+    """Put ``tensor`` back as the parameter or buffer ``name`` (None: remove it)."""
+    path, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(path)
+    table = owner._parameters if isinstance(tensor, nn.Parameter) or leaf in owner._parameters else owner._buffers
+    for other in (owner._parameters, owner._buffers):
+        if other is not table:
+            other.pop(leaf, None)
+    if tensor is None:
+        table.pop(leaf, None)
+    else:
+        table[leaf] = tensor
 
 
 def _autograd_gradient(model: nn.Module, inputs, targets, *, loss_fn, multi_view) -> dict[str, torch.Tensor]:
@@ -232,7 +298,8 @@ def clip_and_sum(
                              multi_view=multi_view, method=method, precision=precision)
 
 
-def _clip_and_sum(model, inputs, targets, *, max_grad_norm, loss_fn, multi_view, method, precision) -> ClippedSum:
+def _clip_and_sum(model, inputs, targets, *, max_grad_norm, loss_fn, multi_view, method, precision,
+                  check: bool = True) -> ClippedSum:
     require(
         isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
         and math.isfinite(max_grad_norm) and max_grad_norm > 0,
@@ -243,8 +310,8 @@ def _clip_and_sum(model, inputs, targets, *, max_grad_norm, loss_fn, multi_view,
     method = resolve_method(model, method)
     autocast = low_precision_dtype(precision, method)
     b = inputs.shape[0]
-    if method == "layerwise" and b >= 2 and model not in _CHECKED_INDEPENDENT:
-        _check_samples_independent(model, inputs, targets, loss_fn=loss_fn, multi_view=multi_view)
+    if method == "layerwise" and check and b >= 1:  # check=False: the self-check's own passes
+        _check_samples_independent(model, trainable, inputs, targets, loss_fn=loss_fn, multi_view=multi_view)
     if b == 0:
         zeros = {n: torch.zeros_like(p) for n, p in trainable}
         empty = torch.zeros(0, dtype=trainable[0][1].dtype, device=inputs.device)

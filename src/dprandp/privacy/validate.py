@@ -2,11 +2,14 @@
 
 BatchNorm (and InstanceNorm with running statistics) computes statistics across the batch, so one
 sample's output, and hence its gradient, depends on the others; clipping no longer bounds a single
-sample's influence. The check runs before any computation.
+sample's influence. Trainable parameters must be float32 or float64: with bf16 or fp16 parameters
+the per-sample norms round at 2^-8, so a clipped contribution could exceed C by more than the clip
+factor's margin (measured: 0.65 %). The check runs before any computation.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from dprandp.errors import InputError
@@ -38,4 +41,9 @@ def validate_model(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise InputError("the model has no trainable parameters (all have requires_grad=False)")
+    low = [f"{n} ({str(p.dtype).removeprefix('torch.')})" for n, p in trainable
+           if p.dtype not in (torch.float32, torch.float64)]
+    if low:
+        raise InputError("trainable parameters must be float32 or float64, not " + ", ".join(low[:3])
+                         + ": for speed keep float32 parameters and use precision='bf16' (autocast)")
     return trainable
