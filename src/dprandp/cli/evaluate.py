@@ -24,7 +24,7 @@ def command(model_path: str, dataset: str, data: str | None, split: str, tta: st
     releasing the number itself is not covered by the training guarantee)."""
     from dprandp.data import load_dataset
     from dprandp.pipeline import evaluate
-    from dprandp.pipeline.finish import require_model_file
+    from dprandp.pipeline.finish import load_model, require_flip_tta_allowed, require_model_file
     from dprandp.pipeline.trainer import resolve_device
 
     path = Path(model_path)
@@ -32,6 +32,8 @@ def command(model_path: str, dataset: str, data: str | None, split: str, tta: st
         path = path / "model.pt"
     resolve_device(device)  # a bad --device is refused before the dataset is read
     require_model_file(path)  # and so is a missing model
+    if tta == "flip":  # and flip TTA on a model trained without mirrored views
+        require_flip_tta_allowed(load_model(path, device="cpu")[1], True)
     ds = load_dataset(dataset, data)
     out = evaluate(path, ds, split=split, flip_tta=tta == "flip", device=device)
     if split != "test":  # the training images are the private ones; the validation split was carved from them

@@ -30,7 +30,7 @@ def command(model_path: str, images: str, key: str | None, out: Path | None, ove
     Predicting is post-processing of the DP model: it costs the private training data no privacy
     beyond the run's (ε, δ). The images you predict on are not protected by anything here."""
     from dprandp.errors import check_not_an_input, check_writable, require
-    from dprandp.pipeline.finish import require_model_file
+    from dprandp.pipeline.finish import load_model, require_flip_tta_allowed, require_model_file
     from dprandp.pipeline.predict import predict, read_images
     from dprandp.pipeline.rundir import atomic_write_bytes
     from dprandp.pipeline.trainer import resolve_device
@@ -45,6 +45,8 @@ def command(model_path: str, images: str, key: str | None, out: Path | None, ove
         check_writable(out, "output", overwrite)  # before any work, so a refusal costs nothing
     resolve_device(device)
     require_model_file(path)  # before reading what may be many images
+    if tta == "flip":  # and so is flip TTA on a model trained without mirrored views
+        require_flip_tta_allowed(load_model(path, device="cpu")[1], True)
     names, x = read_images(images, key=key)
     pred = predict(path, x, names=names, flip_tta=tta == "flip", device=device)
     counts = Counter(pred.class_names[i] for i in pred.labels)

@@ -22,10 +22,18 @@ def print_result(summary: dict, run_dir, as_json: bool) -> None:
         emit_json({**summary, "run_dir": str(run_dir)})
         return
     val = f", validation {100 * summary['val_accuracy']:.2f} %" if summary.get("val_accuracy") is not None else ""
+    steps, applied = summary["steps"], summary.get("steps_applied", summary["steps"])
+    stopped = summary.get("stopped_early")
+    if applied != steps or stopped:  # the model received fewer steps than the ledger counts, or than planned
+        why = [f"{steps - applied} lost in a crash"] if applied != steps else []
+        why += [f"stopped early: {stopped}"] if stopped else []
+        steps_text = f"{steps} DP steps counted, {applied} applied ({'; '.join(why)})"
+    else:
+        steps_text = f"{steps} DP steps"
     click.echo(f"test accuracy {100 * summary['test_accuracy']:.2f} % ({summary.get('reported_model', 'final EMA model')}, n = "
                f"{summary['num_test']}{val}) "
                f"at (epsilon = {summary['epsilon']:.3f}, delta = {summary['delta']:g}); "
-               f"{summary['steps']} DP steps, sigma = {summary['noise_multiplier']:.3f}")
+               f"{steps_text}, sigma = {summary['noise_multiplier']:.3f}")
     if summary.get("test_balanced_accuracy") is not None:
         auc = summary.get("test_auc")
         click.echo(f"balanced accuracy {100 * summary['test_balanced_accuracy']:.2f} %"

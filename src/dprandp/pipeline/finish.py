@@ -68,8 +68,8 @@ def load_model(path: str | Path, *, device: str = "auto"):
         raise InputError(f"model file {p} is unreadable ({type(exc).__name__})") from None
     require(isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT,
             f"{p} is not a dprandp model file (a prior or a training checkpoint? use RUN_DIR/model.pt)")
-    bad = [k for k, v in obj.get("state_dict", {}).items()
-           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    _check_model_fields(obj, p)
+    bad = [k for k, v in obj["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     require(not bad, f"model file {p} holds non-finite weights ({', '.join(bad[:2])}): its training diverged")
     wrn = dict(obj["wrn_config"])
     wrn.pop("num_classes", None)
@@ -83,6 +83,43 @@ def load_model(path: str | Path, *, device: str = "auto"):
     return model, meta
 
 
+def _check_model_fields(obj: dict, path: Path) -> None:
+    """Refuse in one line a model file whose metadata this module cannot use (written by hand, or
+    by another tool): readers index these fields directly. ``class_names`` may be absent (readers
+    then number the classes)."""
+    def check(cond, problem):
+        require(cond, f"model file {path} is malformed: {problem}")
+
+    check(isinstance(obj.get("model"), str), "no architecture name ('model')")
+    check(isinstance(obj.get("wrn_config"), dict), "no architecture config ('wrn_config')")
+    head_pool = obj["wrn_config"].get("head_pool", 1)
+    check(isinstance(head_pool, int) and not isinstance(head_pool, bool) and head_pool >= 1,
+          f"wrn_config.head_pool must be an integer >= 1, got {head_pool!r}")
+    n = obj.get("num_classes")
+    check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"num_classes must be an integer >= 1, got {n!r}")
+    state = obj.get("state_dict")
+    check(isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()),
+          "its weights ('state_dict') are not a mapping of names to tensors")
+    names = obj.get("class_names")
+    check(names is None or (isinstance(names, (list, tuple)) and len(names) == n
+                            and all(isinstance(c, str) for c in names)),
+          f"class_names must be a list of {n} strings (one per class)")
+    check(obj.get("train_config") is None or isinstance(obj["train_config"], dict), "train_config is not a mapping")
+    split = obj.get("val_split")
+    check(split is None or (isinstance(split, dict) and isinstance(split.get("fraction"), (int, float))
+                            and isinstance(split.get("seed"), int)), "val_split is not {fraction, seed}")
+
+
+def require_flip_tta_allowed(meta: dict, flip_tta: bool) -> None:
+    """Refuse flip TTA for a model trained on unmirrored views (``--no-flip``: digits, text, X-rays
+    with laterality): a mirror image is then an image of another kind, which the training run itself
+    never scores. Model files without the setting trained with the default (mirrored views)."""
+    trained_flip = (meta.get("train_config") or {}).get("flip", True)
+    require(not flip_tta or trained_flip is not False,
+            "the model was trained without mirrored views (--no-flip), so flip test-time augmentation would feed "
+            "it images of another kind; drop --tta flip")
+
+
 def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", batch_size: int = 1024,
              flip_tta: bool = False, device: str = "auto") -> dict:
     """Accuracy, balanced accuracy and ROC-AUC (dprandp.pipeline.metrics) of a saved model on
@@ -91,6 +128,7 @@ def evaluate(model_path: str | Path, data: ImageData, *, split: str = "test", ba
     from dprandp.pipeline.trainer import image_logits
 
     model, meta = load_model(model_path, device=device)
+    require_flip_tta_allowed(meta, flip_tta)
     require(meta["num_classes"] == data.num_classes,
             f"the model has {meta['num_classes']} classes but dataset {data.name} has {data.num_classes}")
     trained = tuple(meta.get("class_names") or ())
@@ -193,6 +231,13 @@ def _discarded_run(run_dir: Path) -> dict | None:
         return None
 
 
+def shareable_config(config) -> dict:
+    """``config`` as the model file states it: without the paths of the private data and of the prior
+    (absolute, they name the user's machine, folders and often the cohort; a resume reads them from
+    config.json, which stays in the private run directory). ``prior_sha256`` identifies the prior."""
+    return {**config.to_dict(), "data": None, "prior": None}
+
+
 def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported, final: dict,
                steps_applied: int, stopped: str | None, wall_time_s: float, log,
                search: dict | None = None) -> "TrainResult":
@@ -201,9 +246,12 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
     from dprandp.pipeline.trainer import TrainResult
 
     epsilon = ledger.epsilon()
-    phases_done = {"II": 0, "III": 0}
+    # The ledger counts every step that spent budget, a crash's lost steps twice over; the model
+    # received steps 1..steps_applied, of which the first phase2_steps were Phase II.
+    counted = {"II": 0, "III": 0}
     for r in ledger.records:
-        phases_done[r.phase] = phases_done.get(r.phase, 0) + 1
+        counted[r.phase] = counted.get(r.phase, 0) + 1
+    applied_ii = min(config.phase2_steps, steps_applied)
     notes = []
     if config.prior is None:
         notes.append("No prior: this is DP-SGD from scratch (the baseline). Every step trains every "
@@ -236,7 +284,8 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
         "max_grad_norm": config.max_grad_norm, "batch_size": config.batch_size, "augmult": config.augmult,
         "steps": ledger.steps, "steps_applied": steps_applied, "planned_steps": config.steps,
-        "phase2_steps_done": phases_done.get("II", 0), "phase3_steps_done": phases_done.get("III", 0),
+        "phase2_steps_done": applied_ii, "phase3_steps_done": steps_applied - applied_ii,
+        "phase2_steps_counted": counted.get("II", 0), "phase3_steps_counted": counted.get("III", 0),
         "num_train": data.num_train, "num_test": int(len(data.x_test)), "num_classes": data.num_classes,
         "dataset": data.name, "prior": config.prior, **_prior_record(run_dir, config.prior),
         "model": config.model, "reported_model": "final EMA model" if config.ema else "final model (no EMA)",
@@ -249,7 +298,11 @@ def finish_run(run_dir: Path, *, config, data: ImageData, plan, ledger, reported
     require(epsilon <= config.target_epsilon + 1e-12, "internal error: the ledger exceeds the target epsilon")
     save_model(run_dir / "model.pt", reported, model_name=config.model, data=data,
                extra={"epsilon": epsilon, "delta": config.target_delta, "dataset": data.name,
-                      "train_config": config.to_dict(), **({} if search is None else {"search_candidate": True})})
+                      # what the (epsilon, delta) claim rests on, checkable from the shared file alone
+                      "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                      "steps": ledger.steps, "steps_applied": steps_applied,
+                      "prior_sha256": summary["prior_sha256"], "train_config": shareable_config(config),
+                      **({} if search is None else {"search_candidate": True})})
     ledger_phases = [{"sample_rate": p.sample_rate, "noise_multiplier": p.noise_multiplier, "steps": p.steps}
                      for p in ledger.phases()]
     write_report(run_dir, summary=summary, config=config.to_dict(), metrics=MetricsLog(run_dir).read(),

@@ -87,10 +87,11 @@ def predict(model_path: str | Path, images: np.ndarray, *, names: tuple[str, ...
     ``flip_tta`` averages the logits of each image and its mirror image, as ``evaluate`` does.
     ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
     from dprandp.data.base import RESOLUTION
-    from dprandp.pipeline.finish import load_model
+    from dprandp.pipeline.finish import load_model, require_flip_tta_allowed
     from dprandp.pipeline.trainer import image_logits
 
     model, meta = load_model(model_path, device=device)
+    require_flip_tta_allowed(meta, flip_tta)
     x = np.asarray(images)
     require(x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (RESOLUTION, RESOLUTION, 3),
             f"images must be uint8 (N, {RESOLUTION}, {RESOLUTION}, 3) (dprandp.data.base.to_uint8_nhwc makes them), "
@@ -100,5 +101,5 @@ def predict(model_path: str | Path, images: np.ndarray, *, names: tuple[str, ...
     plain, flip = image_logits(model, x, batch_size, with_flip=flip_tta)
     logits = torch.from_numpy(flip if flip_tta else plain).double()
     probabilities = torch.softmax(logits, dim=1).float().numpy()
-    return Predictions(names=names, probabilities=probabilities, class_names=tuple(meta["class_names"]),
-                       flip_tta=flip_tta)
+    class_names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]  # numbered if unnamed
+    return Predictions(names=names, probabilities=probabilities, class_names=tuple(class_names), flip_tta=flip_tta)

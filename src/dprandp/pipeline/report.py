@@ -120,6 +120,18 @@ def _auc(x) -> str:
     return "–" if x is None else f"{x:.4f}"
 
 
+def _steps_note(s: dict) -> str:
+    """The DP-steps card's line: the steps the model received per phase, and why they fall short of
+    the steps the ledger counts (a crash lost some) or of the plan (the budget stopped the run)."""
+    applied = s.get("steps_applied", s["steps"])
+    note = f"II: {s['phase2_steps_done']} · III: {s['phase3_steps_done']}"
+    if applied != s["steps"]:
+        note = f"{applied} applied ({note}); {s['steps'] - applied} lost in a crash, still counted"
+    if s.get("stopped_early"):
+        note += f"; stopped early by the budget after {applied} of {s.get('planned_steps', '?')} planned"
+    return note
+
+
 def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: dict[str, bytes],
                 notes: list[str]) -> str:
     e = html.escape
@@ -132,7 +144,7 @@ def render_html(summary: dict, config: dict, ledger_phases: list[dict], plots: d
         ("privacy (with the search)", f"ε = {s['search_epsilon']:.3f}", f"δ = {s['delta']:g}; one run alone: "
          f"ε = {s['epsilon']:.3f}", ""),
         ("noise", f"σ = {s['noise_multiplier']:.3f}", f"clip C = {s['max_grad_norm']:g}, q = {s['sample_rate']:.4g}", ""),
-        ("DP steps", f"{s['steps']}", f"II: {s['phase2_steps_done']} · III: {s['phase3_steps_done']}", ""),
+        ("DP steps", f"{s['steps']}", _steps_note(s), ""),
     ]
     card_html = "".join(f'<div class="card {c}"><div class="k">{e(k)}</div><div class="v">{e(v)}</div>'
                         f'<div class="n">{e(n)}</div></div>' for k, v, n, c in cards)
