@@ -6,7 +6,8 @@ the clipping bound). Any number of phases compose (DP-RandP spends one budget on
 linear probing and Phase III fine-tuning).
 
 * ``accountant="pld"`` (default): privacy loss distributions with pessimistic discretisation,
-  so the reported epsilon is a certified upper bound on the true epsilon of the composition.
+  so the reported epsilon is a certified upper bound on the true epsilon of the composition;
+  the RDP bound, also certified, answers instead wherever it is the smaller one.
 * ``accountant="rdp"``: Renyi DP, looser by a few percent; a cross-check.
 
 The sampling rate is always given explicitly (``q = B / N``); nothing here infers it from a data
@@ -30,9 +31,10 @@ from dprandp.errors import InputError, require
 
 ACCOUNTANTS = ("pld", "rdp")
 
-#: PLD grid used for reported values: 1e-4 in the loss domain (dp-accounting's default).
+#: PLD grid asked for reported values: 1e-4 in the loss domain (dp-accounting's default); finer
+#: where one step's privacy loss is small (PLD_RESOLUTION), coarser at large epsilon (_grid_scale).
 PLD_FINE = 1e-4
-#: Coarser grid for the ledger's per-step metrics. Still pessimistic (an upper bound).
+#: Coarser grid asked for the ledger's per-step metrics. Still pessimistic (an upper bound).
 PLD_COARSE = 1e-3
 #: Largest target epsilon a noise multiplier is calibrated for: far beyond any meaningful privacy,
 #: and larger targets need noise so small that the accountant overflows or takes very long.
@@ -133,11 +135,12 @@ def compute_epsilon(
 ) -> float:
     """Epsilon at ``target_delta`` of the composition of ``phases`` (``inf`` if non-private).
 
-    ``pld`` is the privacy-loss-distribution bound, or the RDP bound where that one is smaller
-    (very large epsilon, where the PLD grid must be coarse; a delta below the PLD's truncated
-    tail mass) or the PLD would be too slow (more than :data:`PLD_MAX_STEPS` steps, almost no
-    noise). Each is a certified upper bound, so their minimum is one too; :func:`epsilon_bound`
-    also says which one answered.
+    ``pld`` is the smaller of the privacy-loss-distribution bound and the RDP bound (both are
+    always computed: each is a certified upper bound, so their minimum is one too), or the RDP
+    bound alone where the PLD would be too slow (more than :data:`PLD_MAX_STEPS` steps, almost no
+    noise). The RDP bound is the smaller one at very large epsilon, where the PLD grid must be
+    coarse, and at a delta below the PLD's truncated tail mass. :func:`explain_epsilon` also says
+    which one answered, and why.
     """
     return epsilon_bound(phases, target_delta=target_delta, accountant=accountant,
                          pld_discretization=pld_discretization)[0]
@@ -151,34 +154,63 @@ def epsilon_bound(
     pld_discretization: float = PLD_FINE,
 ) -> tuple[float, str]:
     """:func:`compute_epsilon`, and the bound that gave it: ``"pld"`` or ``"rdp"``."""
+    report = explain_epsilon(phases, target_delta=target_delta, accountant=accountant,
+                             pld_discretization=pld_discretization)
+    return report.epsilon, report.bound
+
+
+@dataclass(frozen=True)
+class EpsilonReport:
+    """:func:`explain_epsilon`'s answer: epsilon, the bound that gave it and, where that is not
+    the accountant asked for, why (``None`` otherwise)."""
+
+    epsilon: float
+    bound: str
+    reason: str | None = None
+
+
+#: Why the RDP bound answered for ``accountant="pld"`` (:attr:`EpsilonReport.reason`).
+REASON_SMALLER = "smaller than the PLD here"
+REASON_OUT_OF_RANGE = "the PLD cannot be computed here"  # its grid would be too coarse, or out of numeric range
+
+
+def explain_epsilon(
+    phases: Sequence[DPPhase],
+    *,
+    target_delta: float,
+    accountant: str = "pld",
+    pld_discretization: float = PLD_FINE,
+) -> EpsilonReport:
+    """:func:`compute_epsilon` with the bound that gave it and, for an RDP answer to ``pld``, why."""
     _check_delta(target_delta)
     _check_accountant(accountant)
     phases = list(phases)
     if all(isinstance(p.dp_event(), dp_accounting.NoOpDpEvent) for p in phases):
-        return 0.0, accountant
+        return EpsilonReport(0.0, accountant)
     if any(isinstance(p.dp_event(), dp_accounting.NonPrivateDpEvent) for p in phases):
-        return math.inf, accountant
+        return EpsilonReport(math.inf, accountant)
     if accountant == "rdp" or sum(p.steps for p in phases) > PLD_MAX_STEPS:
-        return _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant), "rdp"
-    estimate, rdp_bound = _epsilon_estimate(phases, target_delta)
+        eps = _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant)
+        return EpsilonReport(eps, "rdp", None if accountant == "rdp" else REASON_TOO_MANY_STEPS)
+    estimate, rdp_eps = _epsilon_estimate(phases, target_delta)
+    # Always the RDP bound too: it costs a few hundredths of a second (one per mechanism, cached) and
+    # is the tighter one wherever the PLD is loose (a coarse grid, a delta below its tail mass).
+    rdp_eps = rdp_eps if rdp_eps is not None else rdp_bound(phases, target_delta)
     scale = _grid_scale(phases, estimate, pld_discretization)
     if scale > _MAX_GRID_SCALE:  # epsilon in the 1e5s or almost no noise: a PLD this coarse is slow and loose
-        if rdp_bound is None:
-            rdp_bound = _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant)
-        return rdp_bound, "rdp"
+        if rdp_eps is None:
+            rdp_eps = _run_accountant(rdp_privacy_accountant.RdpAccountant(), phases, target_delta, accountant)
+        return EpsilonReport(rdp_eps, "rdp", REASON_OUT_OF_RANGE)
     pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=pld_discretization * scale)
     try:
         eps = _run_accountant(pld, phases, target_delta, accountant)
     except InputError:  # out of the PLD's numeric range (e.g. sigma = 1e300): RDP may still answer
-        rdp_bound = rdp_bound if rdp_bound is not None else _rdp_bound(phases, target_delta)
-        if rdp_bound is None:
+        if rdp_eps is None:
             raise
-        return rdp_bound, "rdp"
-    if rdp_bound is None and math.isinf(eps):  # a delta below the PLD's truncated tail mass (~1e-15)
-        rdp_bound = _rdp_bound(phases, target_delta)
-    if rdp_bound is not None and rdp_bound < eps:
-        return rdp_bound, "rdp"
-    return eps, "pld"
+        return EpsilonReport(rdp_eps, "rdp", REASON_OUT_OF_RANGE)
+    if rdp_eps is not None and rdp_eps < eps:
+        return EpsilonReport(rdp_eps, "rdp", REASON_SMALLER)
+    return EpsilonReport(eps, "pld")
 
 
 @contextlib.contextmanager
@@ -211,9 +243,13 @@ def _run_accountant(acc, phases: Sequence[DPPhase], target_delta: float, name: s
     return max(eps, 0.0)
 
 
-#: Above this many steps the PLD answer is the RDP bound: composing a PLD 1e7 times takes ~25 s for a
-#: 0.2 % tighter epsilon, and 1e8 times ~10 min for a looser one (its truncation errors add up).
+#: Above this many steps the PLD is not computed and the answer is the RDP bound: composing a PLD 1e7
+#: times (q = 0.001, 1e-4 grid) takes 30 s at sigma = 10 for a 0.2 % tighter epsilon, 75 s at sigma = 3
+#: for a 6.6 % tighter one, and 1e8 times ~10 min for a looser one (its truncation errors add up).
+#: So past it the RDP bound can be several percent looser than the PLD (1.5e6 steps of q = 0.001,
+#: sigma = 1: 8.25 against 7.67).
 PLD_MAX_STEPS = 10**6
+REASON_TOO_MANY_STEPS = f"the PLD is not computed past 1e{round(math.log10(PLD_MAX_STEPS))} steps"
 
 #: The PLD grid never gets coarser than this many times the requested interval.
 _MAX_GRID_SCALE = 1e5
@@ -222,24 +258,56 @@ _MAX_GRID_SCALE = 1e5
 #: 1 / (2 sigma^2), so at sigma = 1e-4 a 1e-4 grid would need 5e11 of them (and hang).
 _MAX_STEP_POINTS = 1e6
 
+#: The PLD grid, at most, as a fraction of one step's privacy-loss scale (epsilon / sqrt(steps)).
+#: The pessimistic grid overstates epsilon by about (grid / that scale)^2 / 2, measured against
+#: dp-accounting on 1e-6 to 3e-6 grids from 875 to 1e6 steps and epsilon 0.005 to 2: a fraction of
+#: 0.01 keeps it near 2e-4 (a fixed 1e-4 grid was 34 % over at q = 0.001, sigma = 20.5, 1e5 steps,
+#: and 110 % at sigma = 50, 1e6 steps: looser than RDP). Where one step's loss scale is above 0.01
+#: (the paper's recipe: 0.04) the requested grid is fine enough and is used as it is.
+PLD_RESOLUTION = 0.01
 
-def _grid_scale(phases: Sequence[DPPhase], estimate: float, interval: float) -> float:
-    """max(1, eps / 2), and coarse enough that one step's loss range fits in _MAX_STEP_POINTS;
-    above _MAX_GRID_SCALE the answer is the RDP bound instead.
+#: The finest grid the resolution asks for: 1e6 steps of tiny loss take 3 s on it (time grows as
+#: 1 / grid), and finer grids stop getting tighter (the PLD's truncation errors add up instead).
+PLD_MIN_INTERVAL = 1e-6
 
-    The PLD's memory and time grow with the range of privacy losses it must represent, so a
-    large epsilon (tiny noise, many steps) on a 1e-4 grid can take minutes and gigabytes. Its
-    error, though, is a fixed number of grid steps, so a grid proportional to epsilon keeps the
-    relative error small (about 1e-5 measured at epsilon = 9 to 3500) and answers in
-    milliseconds. Any grid gives a certified upper bound (the discretization is pessimistic):
-    the scale decides only how tight and how fast, never whether the answer is safe.
+
+def _grid_scale(phases: Sequence[DPPhase], estimate: float, interval: float,
+                resolution: float = PLD_RESOLUTION) -> float:
+    """The PLD grid as a multiple of the requested ``interval``; above _MAX_GRID_SCALE the answer
+    is the RDP bound instead.
+
+    * Finer than ``interval`` (down to PLD_MIN_INTERVAL) where one step's privacy loss, about
+      ``estimate / sqrt(steps)``, is below ``interval / resolution``: small epsilon over many steps.
+      The pessimistic grid's error is a fixed number of grid steps *per step*, so a grid that
+      cannot resolve one step's loss overstates a small epsilon by a lot (see PLD_RESOLUTION).
+    * eps / 2 times ``interval`` above epsilon = 2: the PLD's memory and time grow with the range
+      of privacy losses it must represent, so a large epsilon (tiny noise, many steps) on a 1e-4 grid can take minutes
+      and gigabytes. The error there is small next to epsilon, so a grid proportional to epsilon
+      keeps the relative error small (about 1e-5 measured at epsilon = 9 to 3500) and answers in
+      milliseconds.
+    * Coarse enough that one step's loss range fits in _MAX_STEP_POINTS.
+
+    Any grid gives a certified upper bound (the discretization is pessimistic): the scale decides
+    only how tight and how fast, never whether the answer is safe.
     """
     live = [p for p in phases if p.steps and p.sample_rate and p.noise_multiplier]
     if not live:
         return 1.0
+    per_step_loss = estimate / math.sqrt(sum(p.steps for p in live))
+    fine = min(1.0, max(resolution * per_step_loss, PLD_MIN_INTERVAL) / interval)
     inverse = 1.0 / min(p.noise_multiplier for p in live)
     loss_range = inverse * inverse / 2 + 20 * inverse  # a Gaussian step's loss: its mean and 20 std
-    return max(1.0, estimate / 2, loss_range / (_MAX_STEP_POINTS * interval))
+    large = estimate / 2  # coarser only above epsilon = 2: below, eps / 2 would cap the fine grid
+    return max(fine, large if large > 1 else 0.0, loss_range / (_MAX_STEP_POINTS * interval))
+
+
+def pld_interval(phases: Sequence[DPPhase], *, target_delta: float, interval: float = PLD_FINE,
+                 resolution: float = PLD_RESOLUTION) -> float | None:
+    """The PLD grid :func:`compute_epsilon` uses for ``phases`` when asked for ``interval`` (``None``
+    where the RDP bound answers instead); a caller that builds its own PLDs (the run ledger's
+    per-step bound) uses it with a coarser ``resolution``."""
+    scale = _grid_scale(phases, _epsilon_estimate(phases, target_delta)[0], interval, resolution)
+    return None if scale > _MAX_GRID_SCALE else interval * scale
 
 
 def _epsilon_estimate(phases: Sequence[DPPhase], target_delta: float) -> tuple[float, float | None]:
@@ -258,20 +326,47 @@ def _epsilon_estimate(phases: Sequence[DPPhase], target_delta: float) -> tuple[f
     eps = mu * mu / 2 + mu * math.sqrt(2 * math.log(1 / target_delta))
     if eps <= 20:
         return eps, None
-    bound = _rdp_bound(phases, target_delta)
+    bound = rdp_bound(phases, target_delta)
     return (bound, bound) if bound is not None else (math.inf, None)
 
 
-def _rdp_bound(phases: Sequence[DPPhase], target_delta: float) -> float | None:
-    """The RDP accountant's epsilon, or None where it cannot compute one."""
+def rdp_bound(phases: Sequence[DPPhase], target_delta: float) -> float | None:
+    """The RDP accountant's epsilon (as ``accountant="rdp"`` computes it), or None where it cannot
+    compute one.
+
+    RDP composes by addition, so each mechanism's one-step RDP curve is computed once and cached
+    (the run ledger asks after every step); the sum is dp-accounting's own for the whole event.
+    """
     try:
         with _quiet_accountant():
-            rdp = rdp_privacy_accountant.RdpAccountant()
-            rdp.compose(composed_event(phases))
-            bound = float(rdp.get_epsilon(target_delta))
+            try:
+                total = np.zeros(len(_RDP_ORDERS))
+                for (q, sigma), steps in steps_by_mechanism(phases).items():
+                    if steps and q:
+                        total = total + steps * _step_rdp(q, sigma)
+                bound = float(rdp_privacy_accountant.compute_epsilon(_RDP_ORDERS, total, target_delta)[0])
+            except AttributeError:  # a dp-accounting without the private per-order RDP: the whole event
+                rdp = rdp_privacy_accountant.RdpAccountant()
+                rdp.compose(composed_event(phases))
+                bound = float(rdp.get_epsilon(target_delta))
     except (OverflowError, ValueError, ZeroDivisionError):
         return None
-    return bound if math.isfinite(bound) else None
+    return max(bound, 0.0) if math.isfinite(bound) else None
+
+
+_RDP_ORDERS = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=float)  # RdpAccountant()'s orders
+
+
+@functools.lru_cache(maxsize=256)
+def _step_rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """RDP at each of dp-accounting's default orders of one Poisson-subsampled Gaussian step
+    (``inf`` without noise), as its RdpAccountant computes it; read-only, since it is shared."""
+    accountant = rdp_privacy_accountant.RdpAccountant(orders=_RDP_ORDERS)
+    accountant.compose(_dpsgd_event(sample_rate, noise_multiplier, 1))
+    # dp-accounting has no public accessor for the per-order RDP; _rdp is what its get_epsilon reads.
+    rdp = np.array(accountant._rdp, dtype=float)
+    rdp.flags.writeable = False
+    return rdp
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import math
 
 import click
 
-from dprandp.accounting import ACCOUNTANTS, MAX_STEPS, DPPhase, epsilon_bound
+from dprandp.accounting import ACCOUNTANTS, MAX_STEPS, DPPhase, explain_epsilon
 from dprandp.cli.options import emit_json
 from dprandp.errors import InputError
 
@@ -36,16 +36,18 @@ def parse_phase(text: str) -> DPPhase:
               help="sample rate, noise multiplier and number of steps of one DP-SGD phase; repeat to compose")
 @click.option("--delta", type=float, default=1e-5, show_default=True, help="target delta")
 @click.option("--accountant", type=click.Choice(ACCOUNTANTS), default="pld", show_default=True,
-              help="pld: tight certified upper bound (never above rdp; rdp past 1e6 steps); "
+              help="pld: tight certified upper bound (the smaller of the PLD and RDP bounds; RDP alone past 1e6 steps); "
                    "rdp: Renyi DP cross-check")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(phases: tuple[str, ...], delta: float, accountant: str, as_json: bool) -> None:
     """Epsilon spent by Poisson-subsampled Gaussian DP-SGD phases, composed."""
     parsed = [parse_phase(p) for p in phases]
-    eps, bound = epsilon_bound(parsed, target_delta=delta, accountant=accountant)
+    report = explain_epsilon(parsed, target_delta=delta, accountant=accountant)
     steps = sum(p.steps for p in parsed)
     if as_json:
-        emit_json({"epsilon": eps, "delta": delta, "accountant": accountant, "bound": bound, "steps": steps})
+        # "reason": why the RDP bound answered for --accountant pld (null where the accountant asked for did)
+        emit_json({"epsilon": report.epsilon, "delta": delta, "accountant": accountant, "bound": report.bound,
+                   "reason": report.reason, "steps": steps})
     else:
-        source = accountant if bound == accountant else f"{accountant}: the {bound.upper()} bound, the smaller here"
-        click.echo(f"epsilon = {eps:.4f} at delta = {delta:g} ({source}, {steps} steps)")
+        source = accountant if report.reason is None else f"{accountant}: the {report.bound.upper()} bound ({report.reason})"
+        click.echo(f"epsilon = {report.epsilon:.4f} at delta = {delta:g} ({source}, {steps} steps)")
