@@ -183,3 +183,39 @@ def test_exif_orientation_is_applied(tmp_path):
     Image.fromarray(img[::-1, ::-1].copy()).save(tmp_path / "photo.jpg", exif=exif, quality=95)
     x = read_image_file(tmp_path / "photo.jpg").astype(int)
     assert x[:12].mean() > 240 and x[-12:].mean() < 15
+
+
+def test_an_empty_test_class_folder_declares_a_public_class_that_has_training_images(tmp_path):
+    """Found in review of this session's rule: with test/ as the only source of class names, a rare class
+    with training images but no test image had no way in (an empty test/c was refused as empty, and
+    without it train/c was refused). An empty test/<class>/ is now that declaration."""
+    root = tmp_path / "rare"
+    for split, n in (("train", 4), ("test", 2)):
+        class_folder(root / split / "a", 10, n)
+        class_folder(root / split / "b", 200, n)
+    class_folder(root / "train" / "c", 120, 3)
+    with pytest.raises(InputError, match="declare it with an empty folder test/<class>/"):
+        load_dataset("imagefolder", str(root))
+    (root / "test" / "c").mkdir()
+    data = load_dataset("imagefolder", str(root))
+    assert data.class_names == ("a", "b", "c") and sorted(set(data.y_train.tolist())) == [0, 1, 2]
+    assert 2 not in data.y_test.tolist()
+    (root / "test" / "d").mkdir()  # declared, but no image anywhere
+    with pytest.raises(InputError, match="test/d is empty and train/ has no image of that class"):
+        load_dataset("imagefolder", str(root))
+    (root / "test" / "d").rmdir()
+    (root / "test" / "c" / "notes.txt").write_text("x")  # not empty: still the old refusal, naming what it holds
+    with pytest.raises(InputError, match="holds no image file"):
+        load_dataset("imagefolder", str(root))
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused(tmp_path):
+    import os
+
+    root = tmp_path / "surr"
+    class_folder(root / "b", 10, 4)
+    bad = os.fsencode(str(root)) + b"/a\xff"
+    os.mkdir(bad)
+    class_folder(Path(os.fsdecode(bad)), 200, 4)
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        load_dataset("imagefolder", str(root))

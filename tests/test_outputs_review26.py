@@ -98,7 +98,7 @@ def test_a_run_stopped_early_says_so_on_the_console_and_the_report(crashed, caps
     work, s, _ = crashed
     print_result(s, work / "run", as_json=False)
     line = capsys.readouterr().out.splitlines()[0]
-    assert "12 DP steps counted, 11 applied (1 lost in a crash; stopped early: stopped after 11 of 12 steps" in line
+    assert "12 DP steps counted, 11 applied (1 lost in a crash; stopped after 11 of 12 steps" in line
     page = (work / "run" / "report.html").read_text()
     assert "11 applied (II: 4 · III: 7); 1 lost in a crash, still counted" in page
     assert "stopped early by the budget after 11 of 12 planned" in page
@@ -109,7 +109,7 @@ def test_a_complete_run_keeps_the_short_console_line(crashed, capsys):
     print_result({**s, "steps": 12, "steps_applied": 12, "stopped_early": None}, "run", as_json=False)
     assert "; 12 DP steps, sigma = " in capsys.readouterr().out
     print_result({**s, "steps": 10, "steps_applied": 10}, "run", as_json=False)  # stopped, nothing lost
-    assert "10 DP steps counted, 10 applied (stopped early: stopped after" in capsys.readouterr().out
+    assert "10 DP steps counted, 10 applied (stopped after" in capsys.readouterr().out
 
 
 def test_the_model_file_names_no_private_path_and_states_its_claim(crashed):

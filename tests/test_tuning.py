@@ -313,3 +313,24 @@ def test_an_interrupted_search_leaves_no_run_behind(tmp_path, monkeypatch):
         _tiny_search(tmp_path, rng_seed=2)
     # nothing left, not even the empty --out, which would refuse the same command run again
     assert not (tmp_path / "search").exists()
+
+
+def test_a_search_whose_out_lies_inside_class_folders_is_refused_before_any_run(tmp_path):
+    """Found in review: train() refuses an output inside an imagefolder --data, but inside a search a refused
+    run only counts as lost: the search ran every candidate to nothing and left tuning.json among the classes."""
+    from PIL import Image
+
+    from dprandp.pipeline import preset
+    from dprandp.tuning.runs import TuningConfig, tune
+
+    for cls in ("a", "b"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.new("L", (32, 32), 30 * i).save(tmp_path / "images" / cls / f"{i}.png")
+    base = preset("demo", dataset="imagefolder", data=str(tmp_path / "images"), model="wrn-10-1", prior=None,
+                  batch_size=4, augmult=1, steps=2, phase2_steps=0, target_epsilon=8.0, target_delta=1e-3,
+                  val_fraction=0.25)
+    with pytest.raises(InputError, match="whose folders are read as classes"):
+        tune(base, TuningConfig.from_mapping({"lr_phase3": [1.0, 2.0]}, repetitions=Repetitions(mean=2.0)),
+             out=tmp_path / "images" / "search", progress=False, rng=np.random.default_rng(0))
+    assert not (tmp_path / "images" / "search").exists()

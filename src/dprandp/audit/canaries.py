@@ -196,7 +196,7 @@ def run_audit(config: AuditConfig) -> AuditReport:
     """Calibrate the noise for the claimed ε, train once with canaries, and bound ε from below."""
     start = time.perf_counter()
     ceiling = max_detectable_epsilon(config.num_canaries, delta=config.target_delta, confidence=config.confidence)
-    require(ceiling > 0, f"{config.num_canaries} canaries cannot show any epsilon > 0 at {config.confidence:g} "
+    require(ceiling > 0, f"{config.num_canaries} canaries cannot show any epsilon > 0 at {config.confidence!r} "
             "confidence (even if every guess were right): use more canaries (e.g. 1000)")
     if config.noise_multiplier is None:
         calibration = calibrate_noise(

@@ -26,7 +26,7 @@ def print_result(summary: dict, run_dir, as_json: bool) -> None:
     stopped = summary.get("stopped_early")
     if applied != steps or stopped:  # the model received fewer steps than the ledger counts, or than planned
         why = [f"{steps - applied} lost in a crash"] if applied != steps else []
-        why += [f"stopped early: {stopped}"] if stopped else []
+        why += [stopped] if stopped else []  # "stopped after N of M steps: ..."
         steps_text = f"{steps} DP steps counted, {applied} applied ({'; '.join(why)})"
     else:
         steps_text = f"{steps} DP steps"

@@ -153,6 +153,10 @@ def clean_class_names(raw, *, source: str) -> tuple[str, ...]:
                 c = c.decode("utf-8")
             except UnicodeDecodeError:
                 raise InputError(f"{source}: class name {c!r} is not UTF-8 text") from None
+        try:  # a folder name that is not valid UTF-8 arrives as str with surrogate escapes
+            str(c).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{source}: class name {c!r} is not valid UTF-8 text: rename it") from None
         names.append(str(c))
     empty = [i for i, c in enumerate(names) if not c.strip()]
     if empty:

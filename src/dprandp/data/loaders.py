@@ -205,11 +205,15 @@ def _is_image_file(f: Path) -> bool:
     return f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")  # e.g. macOS's ._x.png
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _image_files(folder: Path, *, declaration_ok: bool = False) -> list[Path]:
     """The image files directly inside one class folder; a folder with none is refused, naming what
-    it holds instead (a class with no image would still be a class of the released model)."""
+    it holds instead (a class with no image would still be a class of the released model).
+    ``declaration_ok``: an empty folder (nothing in it but hidden files) is accepted and gives no
+    image: ``test/<class>/`` declaring a public class that has training images but no test image."""
     entries = sorted(folder.iterdir())
     files = [f for f in entries if _is_image_file(f)]
+    if not files and declaration_ok and all(f.name.startswith(".") for f in entries):
+        return []
     if not files:
         others = Counter(f.suffix or "(no suffix)" for f in entries if f.is_file() and not f.name.startswith("."))
         held = [f"{n} {suffix} file{'s' * (n > 1)}" for suffix, n in sorted(others.items())]
@@ -268,10 +272,11 @@ def read_image_file(path: Path) -> np.ndarray:
         raise InputError(f"cannot read image {path} ({type(exc).__name__})") from None
 
 
-def _read_classes(folders: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
+def _read_classes(folders: list[tuple[Path, int]], *, declarations_ok: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of (class folder, label) pairs; every folder is listed (and an empty one
-    refused) before any image is decoded."""
-    files = [(f, label) for folder, label in folders for f in _image_files(folder)]
+    refused, unless ``declarations_ok``) before any image is decoded."""
+    files = [(f, label) for folder, label in folders for f in _image_files(folder, declaration_ok=declarations_ok)]
+    require(len(files) > 0, f"imagefolder: no image in {', '.join(str(f) for f, _ in folders)}")
     images = []
     for f, _ in files:
         try:
@@ -311,11 +316,16 @@ def load_imagefolder(path: str | None, *, test_fraction: float = 0.2, seed: int 
                 f"imagefolder {root}: class folder(s) {', '.join('train/' + c for c in train_only)} have no "
                 "counterpart under test/: class names are taken from test/ only, because a name found only among "
                 "the private training images would be released with the model, unprotected by epsilon; add test "
-                "images of that class under test/, or move those training images out of train/")
+                "images of that class under test/, declare it with an empty folder test/<class>/ (its name is then "
+                "your public declaration), or move those training images out of train/")
         train_folders = [(train_dir / c, i) for i, c in enumerate(classes) if (train_dir / c).is_dir()]
         require(len(train_folders) > 0, f"imagefolder {root}: train/ holds no class folder; {LAYOUTS}")
         x_tr, y_tr = _read_classes(train_folders)
-        x_te, y_te = _read_classes([(test_dir / c, i) for i, c in enumerate(classes)])
+        # An empty test/<class>/ declares a public class with no test image: it needs training images, then.
+        x_te, y_te = _read_classes([(test_dir / c, i) for i, c in enumerate(classes)], declarations_ok=True)
+        declared = sorted(set(range(len(classes))) - set(y_tr.tolist()) - set(y_te.tolist()))
+        require(not declared, f"imagefolder {root}: class folder test/{classes[declared[0]] if declared else ''} is "
+                "empty and train/ has no image of that class either: a class needs images somewhere")
     else:
         splits = _split_folders(root)
         if splits:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dprandp.accounting import DPPhase, compute_epsilon
-from dprandp.errors import require
+from dprandp.errors import check_not_an_input, require
 from dprandp.pipeline.config import TrainConfig
 from dprandp.tuning.accounting import calibrate_tuning_noise
 from dprandp.tuning.repetitions import Repetitions
@@ -106,6 +106,9 @@ def tune(base: TrainConfig, tuning: TuningConfig, *, out: str | Path, progress: 
     out = Path(out)
     require(not out.exists(), f"output directory {out} already exists; choose another --out (nothing was written)")
     check_run_dir(out)  # its parent must be a directory
+    # As train() checks for each run; refused here, since inside the search a refused run only counts as lost.
+    check_not_an_input(out, {"--data": base.data, "--prior": base.prior}, deletes_tree=True,
+                       trees=("--data",) if base.dataset == "imagefolder" else ())
     require(not base.deterministic_noise, "tuning needs fresh noise in every run; drop --deterministic-noise")
     require(int(os.environ.get("WORLD_SIZE", "1")) == 1,
             "dprandp tune runs in one process (each torchrun rank would draw its own runs); start it without torchrun")
