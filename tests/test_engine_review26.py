@@ -262,3 +262,30 @@ def test_float64_and_float32_parameters_are_accepted():
         model = nn.Sequential(nn.Linear(4, 3)).to(dtype)
         g, norms = clipped_grad_sum(model, X.to(dtype), Y, max_grad_norm=1.0)
         assert g["0.weight"].dtype == dtype and norms.shape == (4,)
+
+
+class WritesOnlyForLargeChunks(nn.Module):
+    """Writes a record only when a chunk has more than 2 samples: the self-check's one- and two-sample passes
+    never see it (found reviewing this session's change). Every layer-wise chunk now checks the state."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("mem", torch.zeros(4))
+        self.register_buffer("empty", None)
+
+    def forward(self, x):
+        if x.shape[0] > 2:
+            with torch.no_grad():
+                self.mem.copy_(x[-1])
+                self.empty = x[0].detach().clone()
+        return self.fc(x)
+
+
+def test_a_state_write_in_any_chunk_is_refused_and_restored():
+    model = WritesOnlyForLargeChunks().double()
+    clip_and_sum(model, X.double()[:2], Y[:2], max_grad_norm=1.0, method="layerwise")  # the check passes
+    with pytest.raises(InputError, match="updates its buffers"):
+        clip_and_sum(model, X.double()[:4], Y[:4], max_grad_norm=1.0, method="layerwise")
+    assert torch.equal(model.mem, torch.zeros(4, dtype=torch.float64))
+    assert "empty" in model._buffers and model._buffers["empty"] is None  # a None slot stays registered

@@ -156,15 +156,7 @@ def _run_independence_check(model: nn.Module, inputs, targets, *, loss_fn, multi
     finally:
         for m in dropouts:
             m.train()
-        changed = _restore_state(model, saved)
-        if changed:  # refused even if a pass failed too: the state is what would have leaked
-            params = {n for n, _ in model.named_parameters()}
-            what = " and ".join(w for w, hit in (("parameters", any(n in params for n in changed)),
-                                                  ("buffers", any(n not in params for n in changed))) if hit)
-            raise InputError(
-                f"the model's forward pass updates its {what} (" + ", ".join(changed[:3]) + "): they would carry "
-                "private data into the model without noise; keep the forward pass from writing them (e.g. remove "
-                "running statistics)")
+        _refuse_state_changes(model, _restore_state(model, saved))  # even if a pass failed: the state leaks
     alone = outs[-1]
     if len(outs) == 2:
         pair, single = outs[0].per_sample_norms[0], alone.per_sample_norms[0]
@@ -183,6 +175,19 @@ def _run_independence_check(model: nn.Module, inputs, targets, *, loss_fn, multi
             "by two modules, or read outside its module's forward, loses part of its gradient): use method='vmap'")
 
 
+def _refuse_state_changes(model: nn.Module, changed: list[str]) -> None:
+    """One line naming the parameters or buffers a forward pass wrote (already restored)."""
+    if not changed:
+        return
+    params = {n for n, _ in model.named_parameters()}
+    what = " and ".join(w for w, hit in (("parameters", any(n in params for n in changed)),
+                                          ("buffers", any(n not in params for n in changed))) if hit)
+    raise InputError(
+        f"the model's forward pass updates its {what} (" + ", ".join(changed[:3]) + "): they would carry "
+        "private data into the model without noise; keep the forward pass from writing them (e.g. remove "
+        "running statistics)")
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter (trainable or frozen) and buffer by name: all a model carries from step to step."""
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -190,7 +195,10 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _snapshot_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each state tensor with a copy of its value, for :func:`_restore_state`."""
-    return {n: (t, t.detach().clone()) for n, t in _state(model).items()}
+    saved = {n: (t, t.detach().clone()) for n, t in _state(model).items()}
+    saved[_EMPTY_SLOTS] = {f"{prefix}.{leaf}" if prefix else leaf for prefix, m in model.named_modules()
+                           for leaf, b in m._buffers.items() if b is None}
+    return saved
 
 
 def _restore_state(model: nn.Module, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
@@ -201,7 +209,7 @@ def _restore_state(model: nn.Module, saved: dict[str, tuple[torch.Tensor, torch.
     now = _state(model)
     changed = []
     with torch.no_grad():
-        for n, (t, value) in saved.items():
+        for n, (t, value) in ((n, v) for n, v in saved.items() if n != _EMPTY_SLOTS):
             if now.get(n) is t and _same_values(t, value):
                 continue
             changed.append(n)
@@ -211,10 +219,23 @@ def _restore_state(model: nn.Module, saved: dict[str, tuple[torch.Tensor, torch.
                 t.data = value
             if now.get(n) is not t:
                 _set_state(model, n, t)
+    empty_slots = _empty_slots(model, saved)
     for n in [n for n in now if n not in saved]:
         changed.append(n)
         _set_state(model, n, None)
+        if n in empty_slots:  # a slot registered as None (register_buffer("b", None)) stays registered
+            path, _, leaf = n.rpartition(".")
+            model.get_submodule(path)._buffers[leaf] = None
     return changed
+
+
+def _empty_slots(model: nn.Module, saved: dict) -> set[str]:
+    """Names of buffer slots holding None before the pass: saved as such by :func:`_snapshot_state`."""
+    return saved.get(_EMPTY_SLOTS, set())
+
+
+#: Key under which :func:`_snapshot_state` records the buffer slots registered as None.
+_EMPTY_SLOTS = "\0empty-buffer-slots"
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -318,8 +339,16 @@ def _clip_and_sum(model, inputs, targets, *, max_grad_norm, loss_fn, multi_view,
         return ClippedSum(zeros, empty, empty, method)
     loss_fn = loss_fn or cross_entropy_per_sample
     if method == "layerwise":
-        grads, losses, deferred = layerwise.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn,
-                                                             autocast=autocast)
+        # Every chunk, not only the self-check's one or two samples: a forward pass that wrote state only for
+        # larger chunks, or only after a few calls, passed the check (found in review). One copy of the state
+        # per chunk (11 MB for WRN-16-4), restored and refused if the pass changed it.
+        saved = _snapshot_state(model) if check else None
+        try:
+            grads, losses, deferred = layerwise.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn,
+                                                                 autocast=autocast)
+        finally:
+            if saved is not None:
+                _refuse_state_changes(model, _restore_state(model, saved))
     else:
         grads, losses, deferred = functional.per_sample_grads(model, views, targets, augmult=k, loss_fn=loss_fn)
     sq = torch.zeros(b, dtype=torch.float64 if trainable[0][1].dtype == torch.float64 else torch.float32,
