@@ -278,3 +278,19 @@ def test_an_output_inside_class_folders_is_refused(tmp_path):
         assert got.returncode == 2 and got.stderr.count("\n") == 1, got.stderr
         assert "whose folders are read as classes" in got.stderr
         assert not (tmp_path / "images" / "run1").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_config_json_edited_since_the_checkpoint_is_refused(interrupted):
+    """Found in review: a resume trains with config.json, which was never compared with the settings the
+    checkpoint was taken with; an edited learning rate or epsilon target would have continued silently."""
+    from dprandp.pipeline import resume
+
+    run = interrupted / "run"
+    saved = json.loads((run / "config.json").read_text())
+    edited = json.loads(json.dumps(saved))
+    edited["train"]["lr_phase3"] = 123.0
+    (run / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(InputError, match="differs from the settings its checkpoint was taken with .*lr_phase3"):
+        resume(run, progress=False)
+    (run / "config.json").write_text(json.dumps(saved))
+    assert resume(run, progress=False).summary["steps_applied"] == 12

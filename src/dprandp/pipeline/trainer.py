@@ -363,6 +363,13 @@ def _resume(run_dir: Path, saved: dict, config: TrainConfig, device, ctx, *, pro
     barrier()
     run_dir = rank_run_dir(run_dir, ctx, copy=True)
     ckpt = st.load_checkpoint(run_dir)
+    # config.json is what the resume trains with: one edited since the checkpoint (other than the memory-only
+    # settings a resume may change) would continue the run with settings its model and model.pt claim never had.
+    then, now = ({k: v for k, v in c.items() if k not in MEMORY_ONLY} for c in (ckpt.get("config") or {}, saved["train"]))
+    edited = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k)) if then else []
+    require(not edited, f"config.json of {run_dir} differs from the settings its checkpoint was taken with ("
+            + ", ".join(f"{k}: {now.get(k)!r} there, {then.get(k)!r} at the checkpoint" for k in edited[:3])
+            + "): it was edited; restore it (only --physical-batch-size and --eval-batch-size may change on resume)")
     ledger = PrivacyLedger.open(run_dir)
     if data is None:
         data = load_dataset(config.dataset, config.data, val_fraction=config.val_fraction, val_seed=config.seed)
