@@ -71,7 +71,6 @@ def main() -> None:
             new_t += timed(lambda: NEW(x, g), 1)
         o, n = statistics.median(old_t), statistics.median(new_t)
         lines.append(f"| {k} | {1e3 * o:.0f} ms | {1e3 * n:.0f} ms | {n / o:.2f}x |")
-        del x, g
     model = create_model("wrn-16-4", num_classes=10, seed=0)
     k = 2
     xs = torch.randn(a.samples, k, 3, 32, 32, generator=gen)
