@@ -193,23 +193,32 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
-def _snapshot_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each state tensor with a copy of its value, for :func:`_restore_state`."""
-    saved = {n: (t, t.detach().clone()) for n, t in _state(model).items()}
-    saved[_EMPTY_SLOTS] = {f"{prefix}.{leaf}" if prefix else leaf for prefix, m in model.named_modules()
-                           for leaf, b in m._buffers.items() if b is None}
-    return saved
+@dataclass
+class _Snapshot:
+    """A model's state before a pass: each tensor with a copy of its value, and the buffer slots
+    registered as None (``register_buffer("b", None)``), which hold no tensor to copy."""
+
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    empty_slots: set[str]
 
 
-def _restore_state(model: nn.Module, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+def _snapshot_state(model: nn.Module) -> _Snapshot:
+    """The state :func:`_restore_state` puts back."""
+    return _Snapshot({n: (t, t.detach().clone()) for n, t in _state(model).items()},
+                     {f"{prefix}.{leaf}" if prefix else leaf for prefix, m in model.named_modules()
+                      for leaf, b in m._buffers.items() if b is None})
+
+
+def _restore_state(model: nn.Module, saved: _Snapshot) -> list[str]:
     """Undo what a forward pass did to the model's state; return the names it changed.
 
     A tensor written in place gets its value back; one the forward pass replaced (``self.b = ...``)
-    is put back in its module, and one it added is removed, so the model is as it was before."""
+    is put back in its module, and one it added is removed (an empty slot it filled is emptied), so
+    the model is as it was before."""
     now = _state(model)
     changed = []
     with torch.no_grad():
-        for n, (t, value) in ((n, v) for n, v in saved.items() if n != _EMPTY_SLOTS):
+        for n, (t, value) in saved.tensors.items():
             if now.get(n) is t and _same_values(t, value):
                 continue
             changed.append(n)
@@ -219,23 +228,10 @@ def _restore_state(model: nn.Module, saved: dict[str, tuple[torch.Tensor, torch.
                 t.data = value
             if now.get(n) is not t:
                 _set_state(model, n, t)
-    empty_slots = _empty_slots(model, saved)
-    for n in [n for n in now if n not in saved]:
+    for n in [n for n in now if n not in saved.tensors]:
         changed.append(n)
-        _set_state(model, n, None)
-        if n in empty_slots:  # a slot registered as None (register_buffer("b", None)) stays registered
-            path, _, leaf = n.rpartition(".")
-            model.get_submodule(path)._buffers[leaf] = None
+        _set_state(model, n, None, keep_slot=n in saved.empty_slots)
     return changed
-
-
-def _empty_slots(model: nn.Module, saved: dict) -> set[str]:
-    """Names of buffer slots holding None before the pass: saved as such by :func:`_snapshot_state`."""
-    return saved.get(_EMPTY_SLOTS, set())
-
-
-#: Key under which :func:`_snapshot_state` records the buffer slots registered as None.
-_EMPTY_SLOTS = "\0empty-buffer-slots"
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -245,8 +241,9 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
 
 
-def _set_state(model: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
-    """Put ``tensor`` back as the parameter or buffer ``name`` (None: remove it)."""
+def _set_state(model: nn.Module, name: str, tensor: torch.Tensor | None, *, keep_slot: bool = False) -> None:
+    """Put ``tensor`` back as the parameter or buffer ``name`` (None: remove it, or with ``keep_slot``
+    leave it registered as an empty buffer)."""
     path, _, leaf = name.rpartition(".")
     owner = model.get_submodule(path)
     table = owner._parameters if isinstance(tensor, nn.Parameter) or leaf in owner._parameters else owner._buffers
@@ -255,6 +252,8 @@ def _set_state(model: nn.Module, name: str, tensor: torch.Tensor | None) -> None
             other.pop(leaf, None)
     if tensor is None:
         table.pop(leaf, None)
+        if keep_slot:
+            owner._buffers[leaf] = None
     else:
         table[leaf] = tensor
 
