@@ -271,6 +271,13 @@ PLD_RESOLUTION = 0.01
 PLD_MIN_INTERVAL = 1e-6
 
 
+def step_loss_range(noise_multiplier: float) -> float:
+    """The range of privacy losses a PLD of one Gaussian step must represent: its mean and 20 std
+    (the grid points of one step are this over the grid interval)."""
+    inverse = 1.0 / noise_multiplier
+    return inverse * inverse / 2 + 20 * inverse
+
+
 def _grid_scale(phases: Sequence[DPPhase], estimate: float, interval: float,
                 resolution: float = PLD_RESOLUTION) -> float:
     """The PLD grid as a multiple of the requested ``interval``; above _MAX_GRID_SCALE the answer
@@ -295,8 +302,7 @@ def _grid_scale(phases: Sequence[DPPhase], estimate: float, interval: float,
         return 1.0
     per_step_loss = estimate / math.sqrt(sum(p.steps for p in live))
     fine = min(1.0, max(resolution * per_step_loss, PLD_MIN_INTERVAL) / interval)
-    inverse = 1.0 / min(p.noise_multiplier for p in live)
-    loss_range = inverse * inverse / 2 + 20 * inverse  # a Gaussian step's loss: its mean and 20 std
+    loss_range = step_loss_range(min(p.noise_multiplier for p in live))
     large = estimate / 2  # coarser only above epsilon = 2: below, eps / 2 would cap the fine grid
     return max(fine, large if large > 1 else 0.0, loss_range / (_MAX_STEP_POINTS * interval))
 

@@ -31,6 +31,7 @@ from dprandp.accounting import (
     compute_epsilon,
     pld_interval,
     rdp_bound,
+    step_loss_range,
     steps_by_mechanism,
 )
 from dprandp.errors import InputError, require
@@ -265,8 +266,7 @@ class PrivacyLedger:
             # A per-step metric must stay cheap: at most _STEP_POINTS grid points per step PLD (the grid
             # follows a Gaussian estimate of epsilon, which is low at sigma < 1, and a million-point step
             # PLD self-composed every step took 0.6 s; found in review). Coarser is still an upper bound.
-            inverse = 1.0 / min(p.noise_multiplier for p in live)
-            loss_range = inverse * inverse / 2 + 20 * inverse  # a Gaussian step's loss: mean and 20 std
+            loss_range = step_loss_range(min(p.noise_multiplier for p in live))
             if loss_range / interval > _STEP_POINTS:
                 interval = PLD_COARSE * 2.0 ** math.ceil(math.log2(loss_range / _STEP_POINTS / PLD_COARSE))
             total = None

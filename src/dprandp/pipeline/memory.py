@@ -49,8 +49,9 @@ def check_chunk_fits(config: TrainConfig, *, num_classes: int, view_shape: tuple
     factor = PEAK_FACTOR[resolve_method(model, "auto")]  # the route the Phase III engine takes
     per_view = 0
     for phase in phases:
+        flags = trainable_in_phase(model, config, phase)
         for name, p in model.named_parameters():
-            p.requires_grad_(trainable_in_phase(model, config, phase)[name])
+            p.requires_grad_(flags[name])
         per_view = max(per_view, saved_bytes_per_view(model, view_shape, precision=config.precision))
     chunk = min(config.physical_batch_size, math.ceil(config.batch_size / world_size))
     # Ranks that share this host's memory (torchrun's LOCAL_WORLD_SIZE); a GPU is one rank's own.
